@@ -10,7 +10,7 @@ import click
 from sith.engine.errors import InvalidInput
 
 # Modules that add commands to the group (each defines `register(group: click.Group)`).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["sith.cli.analysis", "sith.cli.worker", "sith.cli.edits", "sith.cli.serve", "sith.cli.testbed", "sith.cli.adapt"]
 
 
 class _Group(click.Group):

@@ -1,0 +1,134 @@
+"""Build, start and stop the gRPC server: interceptors, servicers, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_server.auth import AuthInterceptor, read_tokens
+from sith_server.config import ServerConfig
+from sith_server.deps import Deps
+from sith_server.edit_store import EditStore
+from sith_server.errors import ErrorInterceptor
+from sith_server.health import SERVICES, HealthMonitor
+from sith_server.metrics import Metrics, MetricsInterceptor, redis_stats
+from sith_server.runtime import ModelRuntime
+from sith_server.servicers import adaptation
+from sith_server.servicers.analysis import AnalysisServicer
+from sith_server.servicers.edits import EditsServicer
+from sith_server.servicers.embeddings import EmbeddingsServicer
+from sith_server.servicers.models import ModelsServicer
+from sith_server.servicers.operations import OperationsServicer
+from sith_server.vocabulary import Vocabulary
+from sith_workers.connection import connect
+from sith_workers.editstore import EditStore as FinishedEdits
+from sith_workers.queue import JobQueue
+
+log = logging.getLogger(__name__)
+# Above the longest blocking Redis read the server issues (XREAD BLOCK of about a second).
+REDIS_SOCKET_TIMEOUT_S = 5.0
+
+
+class SithServer:
+    """A built server; ``start()`` binds and serves, ``stop(grace)`` drains and shuts down."""
+
+    def __init__(self, config: ServerConfig, deps: Deps, server: grpc.Server, health: HealthMonitor,
+                 port: int) -> None:
+        self.config = config
+        self.deps = deps
+        self.server = server
+        self.health = health
+        self.port = port
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> SithServer:
+        self.server.start()
+        self.health.start()
+        if self.config.metrics_port:
+            self.metrics_port = self.deps.metrics.serve(self.config.metrics_port)
+        log.info("sith gRPC server on port %d%s", self.port,
+                 f", metrics on :{self.metrics_port}" if self.metrics_port else "")
+        return self
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """NOT_SERVING first, then let in-flight calls finish for ``grace`` seconds.
+
+        Jobs are unaffected: they live in the Redis queue and workers finish or requeue them.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.deps.stopping.set()
+        self.health.shutdown()
+        self.server.stop(grace).wait()
+        self.deps.metrics.stop_serving()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def build(config: ServerConfig, *, redis_client: redis.Redis | None = None, runtime: ModelRuntime | None = None,
+          vocabulary: Vocabulary | None = None, prefix: str = "sith", max_workers: int = 64) -> SithServer:
+    """Wire a server for ``config``; pass ``runtime``/``redis_client`` to share ones already built."""
+    if redis_client is None:
+        if config.redis_url is None:
+            raise ValueError("build() needs config.redis_url or a redis_client (sith serve starts an embedded one)")
+        redis_client = connect(config.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    metrics = Metrics()
+    metrics.add_redis_collector(lambda: redis_stats(redis_client, prefix))
+    if runtime is None:
+        runtime = ModelRuntime(config.device, on_load=lambda kind, s: _count_load(metrics, kind, s))
+        runtime.preload(config.models)
+    deps = Deps(config=config, redis=redis_client, runtime=runtime, queue=JobQueue(redis_client, prefix),
+                edits=EditStore(redis_client, prefix), finished_edits=FinishedEdits(redis_client, prefix),
+                vocabulary=vocabulary or Vocabulary(), metrics=metrics)
+    tokens = None if config.auth_disabled else read_tokens(_required(config.auth_tokens_file))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sith-grpc"),
+        interceptors=[MetricsInterceptor(metrics), AuthInterceptor(tokens), ErrorInterceptor()],
+    )
+    edits = EditsServicer(deps)
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(deps), server)
+    pb_grpc.add_AnalysisServicer_to_server(AnalysisServicer(deps), server)
+    pb_grpc.add_EditsServicer_to_server(edits, server)
+    pb_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(deps, edits), server)
+    pb_grpc.add_OperationsServicer_to_server(OperationsServicer(deps, max_watchers=max_workers // 2), server)
+    adaptation.add_to_server(server, deps)
+    health = HealthMonitor(redis_client)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = _bind(server, config)
+    return SithServer(config, deps, server, health, port)
+
+
+def _required(path: Path | None) -> Path:
+    if path is None:
+        raise ValueError("auth is on but SITH_AUTH_TOKENS_FILE is unset")
+    return path
+
+
+def _count_load(metrics: Metrics, kind: str, seconds: float) -> None:
+    metrics.model_loads.labels(kind).inc()
+    metrics.model_load_seconds.labels(kind).observe(seconds)
+
+
+def _bind(server: grpc.Server, config: ServerConfig) -> int:
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+        port = server.add_secure_port(config.grpc_address, credentials)
+    else:
+        port = server.add_insecure_port(config.grpc_address)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.grpc_address}")
+    return port
+

@@ -1,0 +1,314 @@
+"""`sith adapt`: fine-tuning deltas, basis stability, cross-model head matching, sub-task fine-tunes, plots.
+
+Model arguments accept a checkpoint folder (open_clip hf-hub layout), a config JSON, an open_clip
+name[/pretrained], or the shortcuts ``testbed-main`` / ``testbed-small`` / ``default``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+from rich.table import Table
+
+from sith.cli.analysis import emit_json, err, out
+from sith.engine.errors import InvalidInput
+from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
+
+TESTBED_NAMES = ("testbed-main", "testbed-small")
+
+
+def load_ref(ref: str, device: str = "cpu"):
+    """Load a model reference (see module docstring)."""
+    from sith.engine.models import TESTBED_DIR, default_model, load_model
+
+    if ref in ("default", ""):
+        return default_model(device)
+    if ref in TESTBED_NAMES:
+        return load_model(str(TESTBED_DIR.parent / ref), device=device)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return load_model(str(path), device=device)
+    if path.suffix == ".json" and path.is_file():
+        return load_model(config=path, device=device)
+    if "/" in ref and not ref.startswith("hf-hub:"):
+        name, pretrained = ref.split("/", 1)
+        return load_model(name, pretrained, device=device)
+    return load_model(ref, device=device)
+
+
+def concepts_for(vocabulary: str) -> list[str] | None:
+    """'testbed' (world words + distractors), 'default' (the 20k-word list) or a file."""
+    from sith.adaptation.vocabulary import testbed_vocabulary
+    from sith.engine.dictionary import read_vocabulary
+
+    if vocabulary == "testbed":
+        return testbed_vocabulary()
+    if vocabulary == "default":
+        return None
+    return read_vocabulary(vocabulary)
+
+
+def categories_for(name: str | None) -> dict[str, list[str]] | None:
+    from sith.adaptation.vocabulary import testbed_categories
+
+    if name in (None, "none"):
+        return None
+    if name == "testbed":
+        return testbed_categories()
+    path = Path(name)
+    if not path.is_file():
+        raise InvalidInput("categories", f"expected 'testbed', 'none' or a JSON file {{category: [concepts]}}, got {name!r}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def analyzer_for(loaded, vocabulary: str, no_cache: bool = False):
+    from sith.engine.analysis import Analyzer
+    from sith.engine.cache import DiskCache, data_dir
+    from sith.engine.dictionary import build_dictionary
+
+    with err.status(f"Encoding the dictionary for {loaded.name}..."):
+        dictionary = build_dictionary(loaded, concepts_for(vocabulary))
+    cache = None if no_cache else DiskCache(data_dir() / "artifacts")
+    return Analyzer(loaded, dictionary, cache=cache)
+
+
+def common_options(command: Callable) -> Callable:
+    options = [
+        click.option("--layer", "-l", "layers", type=int, multiple=True, help="Layer (repeatable). Default: the last four."),
+        click.option("--vocabulary", default="default", show_default=True,
+                     help="'default' (20k words), 'testbed' (world words + distractors) or a concept file."),
+        click.option("-k", "k", type=int, default=DEFAULT_K, show_default=True),
+        click.option("--coherence", type=float, default=DEFAULT_COHERENCE, show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--no-cache", is_flag=True, help="Do not use the on-disk artifact cache."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables."),
+        click.option("--plot-dir", type=click.Path(file_okay=False), help="Also write figures (PNG + SVG) here."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _concepts(items) -> str:
+    return ", ".join(f"{c} {w:.2f}" for c, w in items[:2]) or "-"
+
+
+@click.group()
+def adapt() -> None:
+    """Fine-tuning deltas, basis stability and cross-model head matching."""
+
+
+@adapt.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--directions", type=int, default=3, show_default=True, help="Delta directions explained per head.")
+@click.option("--top", type=int, default=8, show_default=True, help="Most-changed heads to show.")
+@common_options
+def delta(base: str, finetuned: str, directions: int, top: int, layers, vocabulary, k, coherence, device,
+          no_cache, as_json, plot_dir) -> None:
+    """What fine-tuning BASE into FINETUNED changed, head by head (SVD of ΔW_VO, COMP, stability)."""
+    from sith.adaptation.reports import delta_report
+
+    model_b, model_f = load_ref(base, device), load_ref(finetuned, device)
+    analyzer = analyzer_for(model_f, vocabulary, no_cache)
+    with err.status("Analysing the delta..."):
+        result = delta_report(model_b, model_f, analyzer, list(layers) or None, directions, top, k=k, coherence=coherence)
+    if plot_dir:
+        _delta_plots(model_b, model_f, result, Path(plot_dir))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"Most-changed heads: {model_b.name} -> {model_f.name}")
+    for col in ("layer", "head", "‖ΔW‖/‖W‖", "eff. rank", "Δ direction 0 (+v | −v)", "Δ direction 1 (+v | −v)"):
+        table.add_column(col)
+    for h in result["top_heads"]:
+        dirs = [f"σ={d['sigma']:.3f}: {_concepts(d['positive'])} | {_concepts(d['negative'])}" for d in h["directions"]]
+        table.add_row(str(h["layer"]), str(h["head"]), f"{h['relative']:.3f}", f"{h['effective_rank']:.1f}",
+                      *(dirs + ["", ""])[:2])
+    out.print(table)
+    summary = Table(title="Per layer")
+    cols = ("layer", "mean_relative", "top_head", "right_subspace_cos", "weighted_matched_cos",
+            "sigma_ratio_median", "diagonal_dominance", "captured")
+    for col in cols:
+        summary.add_column(col)
+    for row in result["layers"]:
+        summary.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+    out.print(summary)
+
+
+def _delta_plots(model_b, model_f, result: dict, folder: Path) -> None:
+    from sith.adaptation import plots
+    from sith.engine.decomposition import decompose
+
+    layers = [row["layer"] for row in result["layers"]]
+    written = plots.save(plots.plot_stability({model_f.name: result["layers"]}), folder / "stability")
+    norms = [(h["layer"], h["head"], h["relative"]) for h in result["heads"]]
+    written += plots.save(plots.plot_delta_norms({model_f.name: norms}), folder / "delta_norms")
+    top = result["top_heads"][0]
+    svd_b, svd_f = decompose(model_b, layers), decompose(model_f, layers)
+    written += plots.save(plots.plot_spectra(svd_b, svd_f, top["layer"], labels=(model_b.name, model_f.name)),
+                          folder / f"spectra_L{top['layer']}")
+    err.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@adapt.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--categories", default=None, help="'testbed', 'none' or a JSON file {category: [concepts]}.")
+@click.option("--all-layers", is_flag=True, help="Profile every layer (default: the last four / --layer).")
+@common_options
+def match(model_a: str, model_b: str, categories, all_layers, layers, vocabulary, k, coherence, device, no_cache,
+          as_json, plot_dir) -> None:
+    """Match MODEL_A's heads to MODEL_B's by what they encode (concept profiles, Hungarian matching)."""
+    from sith.adaptation.reports import match_report
+
+    a, b = load_ref(model_a, device), load_ref(model_b, device)
+    cats = categories_for(categories)
+    analyzer_a, analyzer_b = analyzer_for(a, vocabulary, no_cache), analyzer_for(b, vocabulary, no_cache)
+    la = list(range(a.info.layers)) if all_layers else (list(layers) or None)
+    lb = list(range(b.info.layers)) if all_layers else (list(layers) or None)
+    with err.status("Profiling and matching heads..."):
+        result, extras = match_report(analyzer_a, analyzer_b, la, lb, cats, k=k, coherence=coherence)
+    if plot_dir:
+        _match_plots(result, extras, cats, Path(plot_dir))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"Head matches {a.name} ↔ {b.name} (mean {result['mean_score']:.3f}, "
+                        f"chance {result['null_mean_score']:.3f} ± {result['null_std']:.3f})")
+    for col in ("A", "B", "score", "mutual", "category A", "category B", "shared concepts"):
+        table.add_column(col)
+    for m in result["matches"]:
+        table.add_row(f"L{m['a'][0]}H{m['a'][1]}", f"L{m['b'][0]}H{m['b'][1]}", f"{m['score']:.3f}",
+                      "yes" if m["mutual"] else "", m["category_a"] or "-", m["category_b"] or "-",
+                      ", ".join(m["top_concepts"] or []))
+    out.print(table)
+
+
+def _match_plots(result: dict, extras: dict, categories, folder: Path) -> None:
+    from sith.adaptation import plots
+    from sith.adaptation.universality import category_shares
+
+    pa, pb = extras["profiles_a"], extras["profiles_b"]
+    pairs = [(m.a, m.b) for m in extras["matches"]]
+    written = plots.save(plots.plot_matches(extras["similarity"], pa.heads, pb.heads, pairs,
+                                            (result["a"]["name"], result["b"]["name"])), folder / "matches")
+    if categories:
+        for key, profiles in (("a", pa), ("b", pb)):
+            names, shares = category_shares(profiles, categories)
+            top = [profiles.concepts[int(i)] for i in profiles.profiles.argmax(1)]
+            fig = plots.plot_themes(profiles.heads, shares.numpy(), names, top, f"Head themes: {result[key]['name']}")
+            written += plots.save(fig, folder / f"themes_{result[key]['name']}")
+    err.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@adapt.command()
+@click.argument("base", type=click.Path(file_okay=False, exists=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--subtask", default="round-only", show_default=True, help="World distribution to fine-tune on.")
+@click.option("--mode", type=click.Choice(["full", "lora"]), default="full", show_default=True)
+@click.option("--steps", type=int, default=60, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default 3e-4 (full) or 3e-3 (LoRA).")
+@click.option("--rank", type=int, default=4, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=8.0, show_default=True, help="LoRA scale numerator.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--train-text", is_flag=True, help="Also train the text tower (default: vision only).")
+def finetune(base, out_dir, subtask, mode, steps, batch_size, lr, rank, alpha, seed, train_text) -> None:
+    """Fine-tune a testbed checkpoint folder on a sub-task of the synthetic world (full or LoRA)."""
+    from sith.adaptation.finetune import FinetuneConfig, finetune_folder
+
+    cfg = FinetuneConfig(subtask=subtask, mode=mode, steps=steps, batch_size=batch_size,
+                         lr=lr if lr is not None else (3e-3 if mode == "lora" else 3e-4), rank=rank, alpha=alpha,
+                         seed=seed, train_text=train_text)
+    summary = finetune_folder(Path(base), Path(out_dir), cfg, log=lambda line: err.print(line))
+    err.print(f"saved {out_dir} ({summary['seconds']} s, {summary['trainable_parameters']} trainable parameters)")
+
+
+@adapt.group()
+def plot() -> None:
+    """Figures (PNG + SVG): head themes, σ spectra before/after an edit, stability per layer."""
+
+
+@plot.command("themes")
+@click.argument("model")
+@click.option("--out", "stem", required=True, type=click.Path(), help="Output path without extension.")
+@click.option("--vocabulary", default="testbed", show_default=True)
+@click.option("--categories", default="testbed", show_default=True)
+@click.option("--all-layers", is_flag=True)
+def plot_themes(model, stem, vocabulary, categories, all_layers) -> None:
+    """Heatmap of head themes per layer (dominant concept category per head)."""
+    from sith.adaptation import plots
+    from sith.adaptation.universality import category_shares, head_profiles
+
+    loaded = load_ref(model)
+    cats = categories_for(categories)
+    if not cats:
+        raise InvalidInput("categories", "the themes plot needs categories")
+    analyzer = analyzer_for(loaded, vocabulary)
+    profiles = head_profiles(analyzer, list(range(loaded.info.layers)) if all_layers else None)
+    names, shares = category_shares(profiles, cats)
+    top = [profiles.concepts[int(i)] for i in profiles.profiles.argmax(1)]
+    paths = plots.save(plots.plot_themes(profiles.heads, shares.numpy(), names, top, f"Head themes: {loaded.name}"), stem)
+    err.print("wrote " + ", ".join(map(str, paths)))
+
+
+@plot.command("spectra")
+@click.argument("model")
+@click.option("--edit", "edit_path", type=click.Path(dir_okay=False, exists=True),
+              help="Multipliers file (sith edit output) to apply.")
+@click.option("--finetuned", help="Or compare with this fine-tuned model.")
+@click.option("--layer", type=int, default=-1, show_default=True)
+@click.option("--out", "stem", required=True, type=click.Path())
+def plot_spectra(model, edit_path, finetuned, layer, stem) -> None:
+    """σ spectra of one layer's heads before and after an edit (or a fine-tune)."""
+    from sith.adaptation import plots
+    from sith.engine.decomposition import decompose, decompose_layer, resolve_layers
+
+    loaded = load_ref(model)
+    layer = resolve_layers(loaded.info, [layer])[0]
+    before = decompose(loaded, [layer])
+    if (edit_path is None) == (finetuned is None):
+        raise InvalidInput("edit", "give exactly one of --edit or --finetuned")
+    if edit_path:
+        from sith.edits.apply import apply_multipliers
+        from sith.edits.multipliers import Multipliers
+
+        multipliers = Multipliers.load(edit_path)
+        edited = apply_multipliers(loaded.model, multipliers, decompose(loaded, multipliers.layers))
+        with torch.no_grad():
+            after = {layer: decompose_layer(edited.visual.transformer.resblocks[layer], loaded.info.heads, layer)}
+        labels = (loaded.name, f"edited ({Path(edit_path).name})")
+    else:
+        other = load_ref(finetuned)
+        after = decompose(other, [layer])
+        labels = (loaded.name, other.name)
+    paths = plots.save(plots.plot_spectra(before, after, layer, labels=labels), stem)
+    err.print("wrote " + ", ".join(map(str, paths)))
+
+
+@plot.command("stability")
+@click.argument("base")
+@click.argument("finetuned", nargs=-1, required=True)
+@click.option("--layer", "-l", "layers", type=int, multiple=True)
+@click.option("--out", "stem", required=True, type=click.Path())
+def plot_stability(base, finetuned, layers, stem) -> None:
+    """Stability per layer of one or more fine-tunes of BASE."""
+    from sith.adaptation import plots
+    from sith.adaptation.stability import layer_stability, stability
+
+    model_b = load_ref(base)
+    runs = {}
+    for ref in finetuned:
+        model_f = load_ref(ref)
+        runs[model_f.name] = layer_stability(stability(model_b, model_f, list(layers) or list(range(model_b.info.layers))))
+    paths = plots.save(plots.plot_stability(runs), stem)
+    err.print("wrote " + ", ".join(map(str, paths)))
+
+
+def register(group: click.Group) -> None:
+    group.add_command(adapt)

@@ -1,0 +1,259 @@
+"""The edit specification: a versioned JSON document naming concepts, actions and selection rules.
+
+The same document travels through the CLI, the gRPC API and the exported checkpoint's manifest, so
+validation lives here once: ``EditSpec.from_dict`` rejects every bad field with ``InvalidInput``
+naming it (``operations[1].strength``), and defaults are filled in so a stored spec replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sith.engine.errors import InvalidInput
+
+SPEC_VERSION = 1
+ACTIONS = ("suppress", "amplify", "flip", "scale")
+RULES = ("top_n", "threshold", "explicit")
+CONFLICT_RULES = ("reject", "last_wins")
+# |α| above this stops being an "edit" and starts dominating the residual stream; the bound also
+# keeps a typo (strength 100) from silently wrecking a checkpoint.
+MAX_ABS_STRENGTH = 10.0
+DEFAULT_AMPLIFY = 1.5
+DEFAULT_TOP_N = 8
+MAX_TOP_N = 100_000
+
+Action = Literal["suppress", "amplify", "flip", "scale"]
+Rule = Literal["top_n", "threshold", "explicit"]
+
+
+def _int(value: Any, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field_name, f"expected an integer, got {value!r}")
+    return value
+
+
+def _finite(value: Any, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(field_name, f"expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidInput(field_name, f"must be finite, got {value}")
+    return value
+
+
+def _known_keys(d: dict, allowed: set[str], field_name: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise InvalidInput(field_name, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+@dataclass
+class Selection:
+    """Which singular vectors an operation touches, after ranking them by relevance."""
+
+    rule: Rule = "top_n"
+    n: int | None = None
+    threshold: float | None = None
+    vectors: list[tuple[int, int, int]] | None = None  # explicit (layer, head, index)
+
+    def validate(self, field_name: str) -> None:
+        if self.rule not in RULES:
+            raise InvalidInput(f"{field_name}.rule", f"unknown rule {self.rule!r}; use one of {list(RULES)}")
+        if self.rule == "top_n":
+            n = _int(self.n if self.n is not None else DEFAULT_TOP_N, f"{field_name}.n")
+            if not 1 <= n <= MAX_TOP_N:
+                raise InvalidInput(f"{field_name}.n", f"must be between 1 and {MAX_TOP_N}, got {n}")
+            self.n = n
+        elif self.rule == "threshold":
+            if self.threshold is None:
+                raise InvalidInput(f"{field_name}.threshold", "the threshold rule needs a threshold")
+            self.threshold = _finite(self.threshold, f"{field_name}.threshold")
+        else:
+            if not self.vectors:
+                raise InvalidInput(f"{field_name}.vectors", "the explicit rule needs at least one (layer, head, index)")
+            checked = []
+            for i, item in enumerate(self.vectors):
+                if not isinstance(item, (list, tuple)) or len(item) != 3:
+                    raise InvalidInput(f"{field_name}.vectors[{i}]", f"expected [layer, head, index], got {item!r}")
+                checked.append(tuple(_int(x, f"{field_name}.vectors[{i}]") for x in item))
+            if len(set(checked)) != len(checked):
+                raise InvalidInput(f"{field_name}.vectors", "lists the same vector twice")
+            self.vectors = checked  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rule": self.rule}
+        if self.rule == "top_n":
+            d["n"] = self.n
+        elif self.rule == "threshold":
+            d["threshold"] = self.threshold
+        else:
+            d["vectors"] = [list(v) for v in self.vectors or []]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, field_name: str = "select") -> Selection:
+        if not isinstance(d, dict):
+            raise InvalidInput(field_name, f"expected an object, got {type(d).__name__}")
+        _known_keys(d, {"rule", "n", "threshold", "vectors"}, field_name)
+        sel = cls(rule=d.get("rule", "top_n"), n=d.get("n"), threshold=d.get("threshold"), vectors=d.get("vectors"))
+        sel.validate(field_name)
+        return sel
+
+
+def top_n(n: int = DEFAULT_TOP_N) -> Selection:
+    return Selection(rule="top_n", n=n)
+
+
+def threshold(value: float) -> Selection:
+    return Selection(rule="threshold", threshold=value)
+
+
+def explicit(vectors: list[tuple[int, int, int]]) -> Selection:
+    return Selection(rule="explicit", vectors=list(vectors))
+
+
+def default_strength(action: str) -> float | None:
+    return {"suppress": 0.0, "amplify": DEFAULT_AMPLIFY, "flip": -1.0}.get(action)
+
+
+@dataclass
+class Operation:
+    """One action on the vectors relevant to one or several named concepts.
+
+    α (``strength``) multiplies the selected singular values: suppress ∈ [0, 1) (default 0),
+    amplify > 1 (default 1.5), flip < 0 (default −1), scale any value; always |α| ≤ 10.
+    """
+
+    concepts: list[str]
+    action: Action = "suppress"
+    strength: float | None = None
+    layers: list[int] | None = None
+    select: Selection = field(default_factory=top_n)
+
+    def validate(self, field_name: str) -> None:
+        if not isinstance(self.concepts, list) or not self.concepts:
+            raise InvalidInput(f"{field_name}.concepts", "name at least one concept")
+        for i, concept in enumerate(self.concepts):
+            if not isinstance(concept, str) or not concept.strip():
+                raise InvalidInput(f"{field_name}.concepts[{i}]", f"expected a non-empty string, got {concept!r}")
+        self.concepts = [c.strip() for c in self.concepts]
+        if self.action not in ACTIONS:
+            raise InvalidInput(f"{field_name}.action", f"unknown action {self.action!r}; use one of {list(ACTIONS)}")
+        self.strength = self._checked_strength(f"{field_name}.strength")
+        if self.layers is not None:
+            if not isinstance(self.layers, list) or not self.layers:
+                raise InvalidInput(f"{field_name}.layers", "expected a non-empty list of layer indices")
+            self.layers = [_int(x, f"{field_name}.layers[{i}]") for i, x in enumerate(self.layers)]
+        if not isinstance(self.select, Selection):
+            raise InvalidInput(f"{field_name}.select", "expected a Selection")
+        self.select.validate(f"{field_name}.select")
+
+    def _checked_strength(self, field_name: str) -> float:
+        if self.strength is None:
+            value = default_strength(self.action)
+            if value is None:
+                raise InvalidInput(field_name, "the 'scale' action needs an explicit strength")
+            return value
+        value = _finite(self.strength, field_name)
+        if abs(value) > MAX_ABS_STRENGTH:
+            raise InvalidInput(field_name, f"|strength| must be <= {MAX_ABS_STRENGTH:g}, got {value:g}")
+        rules = {
+            "suppress": (0.0 <= value < 1.0, "suppress needs 0 <= strength < 1 (0 removes the vectors)"),
+            "amplify": (value > 1.0, "amplify needs strength > 1"),
+            "flip": (value < 0.0, "flip needs a negative strength (-1 mirrors the vectors)"),
+        }
+        ok, reason = rules.get(self.action, (True, ""))
+        if not ok:
+            raise InvalidInput(field_name, f"{reason}, got {value:g}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "concepts": list(self.concepts),
+            "action": self.action,
+            "strength": self.strength,
+            "layers": None if self.layers is None else list(self.layers),
+            "select": self.select.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, field_name: str = "operation") -> Operation:
+        if not isinstance(d, dict):
+            raise InvalidInput(field_name, f"expected an object, got {type(d).__name__}")
+        _known_keys(d, {"concepts", "action", "strength", "layers", "select"}, field_name)
+        concepts = d.get("concepts")
+        if isinstance(concepts, str):
+            concepts = [concepts]
+        select = Selection.from_dict(d.get("select", {"rule": "top_n"}), f"{field_name}.select")
+        op = cls(concepts=concepts, action=d.get("action", "suppress"), strength=d.get("strength"),
+                 layers=d.get("layers"), select=select)
+        op.validate(field_name)
+        return op
+
+
+@dataclass
+class EditSpec:
+    """A model reference plus operations. ``conflicts`` decides what happens when two operations
+    select the same singular vector: "reject" (default) fails naming both, "last_wins" lets the
+    later operation's α replace the earlier one (never a product: the spec says what α a vector gets)."""
+
+    model: str
+    operations: list[Operation]
+    version: int = SPEC_VERSION
+    conflicts: Literal["reject", "last_wins"] = "reject"
+
+    def validate(self) -> EditSpec:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidInput("model", "name the model to edit (name/tag, path, or model hash)")
+        if self.version != SPEC_VERSION:
+            raise InvalidInput("version", f"unsupported spec version {self.version!r}; this build reads {SPEC_VERSION}")
+        if self.conflicts not in CONFLICT_RULES:
+            raise InvalidInput("conflicts", f"unknown rule {self.conflicts!r}; use one of {list(CONFLICT_RULES)}")
+        if not isinstance(self.operations, list) or not self.operations:
+            raise InvalidInput("operations", "an edit needs at least one operation")
+        for i, op in enumerate(self.operations):
+            if not isinstance(op, Operation):
+                raise InvalidInput(f"operations[{i}]", "expected an Operation")
+            op.validate(f"operations[{i}]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "model": self.model,
+            "conflicts": self.conflicts,
+            "operations": [op.to_dict() for op in self.operations],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> EditSpec:
+        if not isinstance(d, dict):
+            raise InvalidInput("spec", f"expected a JSON object, got {type(d).__name__}")
+        _known_keys(d, {"version", "model", "conflicts", "operations"}, "spec")
+        ops = d.get("operations")
+        if not isinstance(ops, list) or not ops:
+            raise InvalidInput("operations", "an edit needs at least one operation")
+        version = d.get("version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise InvalidInput("version", f"unsupported spec version {version!r}; this build reads {SPEC_VERSION}")
+        spec = cls(
+            model=d.get("model", ""),
+            operations=[Operation.from_dict(op, f"operations[{i}]") for i, op in enumerate(ops)],
+            version=version,
+            conflicts=d.get("conflicts", "reject"),
+        )
+        return spec.validate()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> EditSpec:
+        try:
+            data = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput("spec", f"not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,238 @@
+"""Contrastive training of small open_clip CLIP models on the synthetic world.
+
+Batches are generated on the fly (batch ``k`` = samples ``k*B .. k*B+B-1`` of the training
+stream), so there is no dataset on disk and a run is reproducible from its preset alone:
+fixed seeds, AdamW with open_clip's weight-decay exclusions, linear warmup then cosine decay,
+symmetric cross-entropy with a learnable temperature clamped at 100 (as in CLIP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sith.engine.errors import InvalidInput
+from sith.testbed.checkpoint import CHECKPOINT_DIR, WEIGHTS_NAME, save_checkpoint
+from sith.testbed.spurious import distribution
+from sith.testbed.world import HELDOUT_SEED, Batch, Distribution, Sample, make_batch, on_background, sample
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SHAREABLE: tuple[str, ...] = ("colour", "texture", "size", "count")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    distribution: str = "main-mix"
+    num_workers: int = 0  # data-generation processes (0 = inline)
+    threads: int = 2  # torch CPU threads; 1 is faster when the CPU is shared with other jobs
+    grad_clip: float = 1.0
+    log_every: int = 25
+    save_every: int = 0  # also save the checkpoint every N steps (0 = only at the end)
+    hard_negatives: int = 1  # group size k: each k consecutive samples share the `shared` factors
+    shared: tuple[str, ...] = ("colour",)  # factors a hard-negative group shares besides its background
+    init_from: str | None = None  # start from this checkpoint folder (a name under checkpoints/ or a path)
+
+
+@dataclass
+class Preset:
+    name: str
+    model_cfg: dict[str, Any]
+    train: TrainConfig
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem.removeprefix("testbed-") for p in CONFIG_DIR.glob("testbed-*.json"))
+
+
+def load_preset(name: str) -> Preset:
+    """`main` or `testbed-main` -> configs/testbed-main.json; a path to a JSON file also works."""
+    path = Path(name)
+    if not path.suffix == ".json":
+        path = CONFIG_DIR / f"testbed-{name.removeprefix('testbed-')}.json"
+    if not path.is_file():
+        raise InvalidInput("preset", f"no preset {name!r}", suggestions=list_presets())
+    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.get("train", {}).items()})
+    except TypeError as exc:
+        raise InvalidInput("preset.train", str(exc)) from exc
+    return Preset(name=data.get("name", path.stem), model_cfg=data["model_cfg"], train=train)
+
+
+def build_model(model_cfg: dict[str, Any]) -> open_clip.model.CLIP:
+    return open_clip.model.CLIP(**model_cfg)
+
+
+def build_tokenizer(model_cfg: dict[str, Any]) -> open_clip.SimpleTokenizer:
+    return open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+
+
+class BatchStream(torch.utils.data.Dataset):
+    """Item k = training batch k; a Dataset so DataLoader workers can generate batches in parallel."""
+
+    def __init__(
+        self, dist: Distribution, seed: int, batch_size: int, steps: int, group: int = 1,
+        shared: tuple[str, ...] = ("colour",),
+    ) -> None:
+        if group < 1 or batch_size % group:
+            raise InvalidInput("train.hard_negatives", "must be >= 1 and divide batch_size")
+        unknown = set(shared) - set(SHAREABLE)
+        if unknown:
+            raise InvalidInput("train.shared", f"cannot share {sorted(unknown)}", suggestions=list(SHAREABLE))
+        self.dist, self.seed, self.batch_size, self.steps, self.group = dist, seed, batch_size, steps, group
+        self.shared = tuple(shared)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _group(self, anchor_index: int) -> list[Sample]:
+        """An anchor sample plus group-1 scenes on its background in its colour.
+
+        With random batches, background and colour alone tell almost every in-batch pair apart,
+        so the loss barely rewards shape, texture, size or count; these hard negatives do.
+        """
+        anchor = sample(self.dist, self.seed, anchor_index)
+        same_bg = on_background(self.dist, anchor.scene.background)
+        fields = self.shared + (("position",) if "count" in self.shared else ())  # position exists iff count == 1
+        overrides = {f: getattr(anchor.scene, f) for f in fields}
+        members = [sample(same_bg, self.seed, anchor_index + j, **overrides) for j in range(1, self.group)]
+        return [anchor, *members]
+
+    def __getitem__(self, k: int) -> Batch:
+        start = k * self.batch_size
+        if self.group == 1:
+            return make_batch([sample(self.dist, self.seed, i) for i in range(start, start + self.batch_size)])
+        return make_batch([s for g in range(start, start + self.batch_size, self.group) for s in self._group(g)])
+
+
+def _load_initial_weights(model: torch.nn.Module, init_from: str) -> None:
+    """Continue from a saved checkpoint (a second training stage with a fresh schedule and data seed)."""
+    folder = Path(init_from) if Path(init_from).is_dir() else CHECKPOINT_DIR / init_from
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InvalidInput("train.init_from", f"no {WEIGHTS_NAME} in {folder}")
+    state = load_file(str(weights))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's rule: no decay on gains, biases, embeddings and the logit scale."""
+    def exclude(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
+            or "embedding" in name or "positional" in name or "class_embedding" in name
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not exclude(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and exclude(n, p)]
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (features already normalised)."""
+    logits = logit_scale.exp() * image_features @ text_features.T
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def train(
+    preset: Preset,
+    out_dir: Path | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train `preset`, save it to `out_dir` (default checkpoints/<name>), return the run summary."""
+    cfg = preset.train
+    if not 0 <= cfg.seed < HELDOUT_SEED:
+        raise InvalidInput("train.seed", f"training seeds must lie in [0, {HELDOUT_SEED}) (held-out seeds above)")
+    if cfg.steps < 1 or cfg.batch_size < 2:
+        raise InvalidInput("train", "needs steps >= 1 and batch_size >= 2")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    model = build_model(preset.model_cfg)
+    if cfg.init_from:
+        _load_initial_weights(model, cfg.init_from)
+    model = model.to(device).train()
+    tokenizer = build_tokenizer(preset.model_cfg)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+    stream = BatchStream(distribution(cfg.distribution), cfg.seed, cfg.batch_size, cfg.steps, cfg.hard_negatives,
+                         tuple(cfg.shared))
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, shuffle=False, num_workers=cfg.num_workers, collate_fn=_identity
+    )
+    folder = out_dir or CHECKPOINT_DIR / preset.name
+
+    history: list[dict[str, float]] = []
+    started = time.time()
+    for step, batch in enumerate(loader):
+        images = batch.images.to(device, non_blocking=True)
+        texts = tokenizer(batch.captions).to(device)
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(texts, normalize=True)
+        loss = clip_loss(image_features, text_features, model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
+                     "temperature": round(model.logit_scale.exp().item(), 2),
+                     "elapsed_s": round(time.time() - started, 1)}
+            history.append(entry)
+            log(json.dumps(entry))
+        if cfg.save_every and step and step % cfg.save_every == 0:
+            save_checkpoint(model, preset.model_cfg, folder)
+    seconds = time.time() - started
+
+    model.eval()
+    dtype = save_checkpoint(model, preset.model_cfg, folder)
+    summary = {
+        "name": preset.name,
+        "train": asdict(cfg),
+        "device": device,
+        "train_seconds": round(seconds, 1),
+        "samples_seen": cfg.steps * cfg.batch_size,
+        "final_loss": history[-1]["loss"],
+        "stored_dtype": str(dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "history": history,
+    }
+    (folder / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

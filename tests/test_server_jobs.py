@@ -1,0 +1,229 @@
+"""Long-running operations end to end: a real server, real Redis and a real worker (thread)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2
+from safetensors.torch import load_file
+from server_support import running_server, tiny_model_folder, worker_thread
+
+from sith.edits.export import read_manifest
+from sith_client.v1 import sith_pb2 as pb
+from sith_client.v1 import sith_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    with running_server([str(tiny_model_folder(root / "tiny"))], data_dir=root / "data") as running:
+        yield running
+
+
+def watch_until_done(channel, name: str, timeout: float = 120) -> list[pb.Operation]:
+    return list(pb_grpc.OperationsStub(channel).WatchOperation(pb.WatchOperationRequest(name=name), timeout=timeout))
+
+
+def response(op: pb.Operation) -> dict:
+    s = struct_pb2.Struct()
+    assert op.response.Unpack(s)
+    return dict(s)
+
+
+def wait_state(channel, name: str, state, timeout: float = 30) -> pb.Operation:
+    stub = pb_grpc.OperationsStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        op = stub.GetOperation(pb.GetOperationRequest(name=name), timeout=5)
+        if op.metadata.state == state:
+            return op
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never reached {state}: {op}")
+
+
+def test_cancel_a_queued_operation(srv):
+    op = pb_grpc.AnalysisStub(srv.channel).Decompose(pb.DecomposeRequest(layers=[1]), timeout=5)
+    assert op.name.startswith("operations/") and not op.done
+    assert op.metadata.state == pb.OperationMetadata.QUEUED and op.metadata.kind == "decompose"
+    cancelled = pb_grpc.OperationsStub(srv.channel).CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=5)
+    assert cancelled.done and cancelled.error.code == code_pb2.CANCELLED
+    assert cancelled.metadata.state == pb.OperationMetadata.CANCELLED
+
+
+def test_client_cancelling_the_watch_cancels_the_job(srv):
+    op = pb_grpc.AnalysisStub(srv.channel).Decompose(pb.DecomposeRequest(layers=[2]), timeout=5)
+    stream = pb_grpc.OperationsStub(srv.channel).WatchOperation(pb.WatchOperationRequest(name=op.name), timeout=60)
+    first = next(stream)
+    assert first.name == op.name and not first.done
+    stream.cancel()
+    assert wait_state(srv.channel, op.name, pb.OperationMetadata.CANCELLED).error.code == code_pb2.CANCELLED
+
+
+def test_watch_deadline_or_detach_leaves_the_job_alone(srv):
+    op = pb_grpc.AnalysisStub(srv.channel).Decompose(pb.DecomposeRequest(layers=[0, 1]), timeout=5)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(pb_grpc.OperationsStub(srv.channel).WatchOperation(pb.WatchOperationRequest(name=op.name), timeout=1.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 5
+    stream = pb_grpc.OperationsStub(srv.channel).WatchOperation(
+        pb.WatchOperationRequest(name=op.name, detach=True), timeout=60)
+    next(stream)
+    stream.cancel()
+    time.sleep(0.5)
+    again = pb_grpc.OperationsStub(srv.channel).GetOperation(pb.GetOperationRequest(name=op.name), timeout=5)
+    assert again.metadata.state == pb.OperationMetadata.QUEUED
+    pb_grpc.OperationsStub(srv.channel).CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=5)
+
+
+def test_decompose_and_explain_through_a_worker(srv):
+    analysis = pb_grpc.AnalysisStub(srv.channel)
+    with worker_thread(srv.prefix):
+        op = analysis.Decompose(pb.DecomposeRequest(layers=[-1]), timeout=5)
+        events = watch_until_done(srv.channel, op.name)
+        final = events[-1]
+        assert final.done and final.metadata.state == pb.OperationMetadata.SUCCEEDED, final
+        assert [e.metadata.progress for e in events] == sorted(e.metadata.progress for e in events)
+        result = response(final)
+        assert [layer["layer"] for layer in result["layers"]] == [2]
+        assert len(result["layers"][0]["singular_values"]) == 4          # heads
+        # The same request again shares the finished job (dedupe).
+        assert analysis.Decompose(pb.DecomposeRequest(layers=[2]), timeout=5).name == op.name
+
+        op = analysis.ExplainHeads(pb.ExplainHeadsRequest(layers=[2], heads=[0], k=3), timeout=5)
+        final = watch_until_done(srv.channel, op.name)[-1]
+        assert final.metadata.state == pb.OperationMetadata.SUCCEEDED, final
+        heads = response(final)["heads"]
+        assert [(h["layer"], h["head"]) for h in heads] == [(2, 0)]
+        concepts = {c[0] for v in heads[0]["vectors"] for c in v["concepts"]}
+        assert concepts and concepts <= set(srv.server.deps.vocabulary.custom)
+        registry = srv.server.deps.metrics.registry
+        assert registry.get_sample_value("sith_workers", {"state": "idle"}) == 1
+        assert registry.get_sample_value("sith_workers", {"state": "busy"}) == 0
+        assert registry.get_sample_value("sith_queue_depth", {"state": "queued"}) == 0
+        assert registry.get_sample_value("sith_cache_requests_total", {"result": "miss"}) >= 1
+    assert srv.server.deps.metrics.registry.get_sample_value(
+        "sith_job_duration_seconds_count", {"kind": "decompose", "state": "succeeded"}) >= 1
+
+
+def test_edit_lifecycle_embed_and_download(srv):
+    edits = pb_grpc.EditsStub(srv.channel)
+    embeddings = pb_grpc.EmbeddingsStub(srv.channel)
+    spec = pb.EditSpec(operations=[pb.EditOperation(
+        concepts=["dog"], action=pb.EditOperation.SUPPRESS, layers=[1, 2],
+        select=pb.Selection(rule=pb.Selection.TOP_N, n=6))])
+    with worker_thread(srv.prefix):
+        edit = edits.CreateEdit(pb.CreateEditRequest(spec=spec), timeout=5)
+        assert edit.state == pb.Edit.PENDING and edit.name.startswith("edits/")
+        with pytest.raises(grpc.RpcError) as err:   # not ready yet, or just became ready
+            list(edits.DownloadEdit(pb.DownloadEditRequest(name=edit.name), timeout=5))
+            pytest.skip("the edit finished before the precondition could be checked")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        final = watch_until_done(srv.channel, edit.operation)[-1]
+        assert final.metadata.state == pb.OperationMetadata.SUCCEEDED, final
+    got = edits.GetEdit(pb.GetEditRequest(name=edit.name), timeout=5)
+    assert got.state == pb.Edit.READY and got.spec.operations[0].concepts == ["dog"]
+
+    pixels = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    images = [pb.Image(tensor=pb.Tensor(shape=[3, 32, 32], data=p.tobytes())) for p in pixels]
+    base = embeddings.EmbedImages(pb.EmbedImagesRequest(images=images), timeout=30)
+    edited = embeddings.EmbedImages(pb.EmbedImagesRequest(images=images, target=pb.ModelRef(edit=edit.name)),
+                                    timeout=60)
+    assert edited.model_hash != base.model_hash
+    assert edited.embeddings.data != base.embeddings.data
+    texts = embeddings.EmbedTexts(pb.EmbedTextsRequest(texts=["a dog"], target=pb.ModelRef(edit=edit.name)), timeout=30)
+    base_texts = embeddings.EmbedTexts(pb.EmbedTextsRequest(texts=["a dog"]), timeout=30)
+    assert texts.embeddings.data == base_texts.embeddings.data            # only the vision tower changes
+
+    chunks = list(edits.DownloadEdit(pb.DownloadEditRequest(name=edit.name), timeout=120))
+    assert all(len(c.data) <= 1024 * 1024 for c in chunks)
+    blob = b"".join(c.data for c in chunks)
+    assert [c.offset for c in chunks] == [sum(len(x.data) for x in chunks[:i]) for i in range(len(chunks))]
+    assert chunks[0].total_bytes == len(blob) and chunks[0].sha256 == hashlib.sha256(blob).hexdigest()
+    path = srv.server.deps.config.data_dir / "downloaded.safetensors"
+    path.write_bytes(blob)
+    state = load_file(str(path))
+    served = srv.server.deps.runtime.edited(edit.name.split("/")[1], lambda: None)
+    for name, tensor in served.model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert read_manifest(path)["base_hash"] == got.base_model_hash
+
+    edits.DeleteEdit(pb.DeleteEditRequest(name=edit.name), timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        embeddings.EmbedTexts(pb.EmbedTextsRequest(texts=["x"], target=pb.ModelRef(edit=edit.name)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_watchers_all_see_the_end(srv):
+    op = pb_grpc.AnalysisStub(srv.channel).Decompose(pb.DecomposeRequest(layers=[0]), timeout=5)
+    results: list[pb.Operation] = []
+    threads = [threading.Thread(target=lambda: results.append(watch_until_done(srv.channel, op.name)[-1]))
+               for _ in range(3)]
+    with worker_thread(srv.prefix):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert len(results) == 3 and all(r.done and r.metadata.state == pb.OperationMetadata.SUCCEEDED for r in results)
+
+
+def test_preview_plans_without_storing_an_edit(srv):
+    spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["water"], action=pb.EditOperation.FLIP,
+                                                    select=pb.Selection(rule=pb.Selection.TOP_N, n=3))])
+    edits = pb_grpc.EditsStub(srv.channel)
+    before = {e.name for e in edits.ListEdits(pb.ListEditsRequest(), timeout=5).edits}
+    with worker_thread(srv.prefix):
+        op = edits.PreviewEdit(pb.PreviewEditRequest(spec=spec), timeout=5)
+        final = watch_until_done(srv.channel, op.name)[-1]
+    assert final.metadata.state == pb.OperationMetadata.SUCCEEDED, final
+    plan = response(final)["plan"]
+    assert plan and "edit_id" not in response(final)
+    assert {e.name for e in edits.ListEdits(pb.ListEditsRequest(), timeout=5).edits} == before
+
+
+def test_list_edits_pages_newest_first(srv):
+    edits = pb_grpc.EditsStub(srv.channel)
+    spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["tree"], action=pb.EditOperation.SUPPRESS)])
+    created = [edits.CreateEdit(pb.CreateEditRequest(spec=spec), timeout=5).name for _ in range(3)]
+    seen, token = [], ""
+    while True:
+        page = edits.ListEdits(pb.ListEditsRequest(page_size=2, page_token=token), timeout=5)
+        assert len(page.edits) <= 2 and all(not e.HasField("plan") for e in page.edits)
+        seen += [e.name for e in page.edits]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen[:3] == created[::-1]
+    for name in created:
+        edits.DeleteEdit(pb.DeleteEditRequest(name=name), timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        edits.ListEdits(pb.ListEditsRequest(page_token="x"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cancelling_the_watch_stops_a_running_job(srv, tmp_path):
+    import workers_plugin  # noqa: F401 - registers the slow "test.steps" job kind in this process
+
+    from sith_workers.queue import JobQueue
+
+    queue = JobQueue(srv.server.deps.redis, srv.prefix)
+    job = queue.submit("test.steps", {"log": str(tmp_path / "log"), "key": "k", "steps": 200, "step_s": 0.05},
+                       tenant="default")
+    name = f"operations/{job.id}"
+    with worker_thread(srv.prefix):
+        stream = pb_grpc.OperationsStub(srv.channel).WatchOperation(pb.WatchOperationRequest(name=name), timeout=60)
+        for op in stream:
+            if op.metadata.state == pb.OperationMetadata.RUNNING and op.metadata.progress > 0:
+                break
+        stream.cancel()
+        final = wait_state(srv.channel, name, pb.OperationMetadata.CANCELLED)
+    assert final.error.code == code_pb2.CANCELLED and final.metadata.progress < 1
