@@ -14,7 +14,7 @@ from sith.cli import main
 from sith.engine.analysis import Analyzer
 from sith.engine.decomposition import decompose
 from sith.engine.dictionary import build_dictionary
-from sith.engine.models import TESTBED_DIR, load_model
+from sith.engine.models import load_model
 
 TINY_CFG = {
     "embed_dim": 32,
@@ -137,7 +137,6 @@ def test_missing_dictionary_file(model_dir, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (TESTBED_DIR / "open_clip_model.safetensors").is_file(), reason="testbed model not built yet")
 def test_explain_default_model_and_vocabulary() -> None:
     """The README's main job: `sith explain` with no arguments (encodes the default vocabulary once)."""
     code, stdout, _ = run("explain", "--json")

@@ -227,3 +227,23 @@ def test_cancelling_the_watch_stops_a_running_job(srv, tmp_path):
         stream.cancel()
         final = wait_state(srv.channel, name, pb.OperationMetadata.CANCELLED)
     assert final.error.code == code_pb2.CANCELLED and final.metadata.progress < 1
+
+
+def test_idle_worker_counted_before_its_first_job():
+    """A worker that has not consumed anything yet is no group consumer, but it is alive and idle."""
+    import uuid
+
+    from server_support import shared_redis_url
+
+    from sith_server.metrics import redis_stats
+    from sith_workers.connection import connect
+    from sith_workers.queue import JobQueue
+
+    prefix = f"sithtest-{uuid.uuid4().hex[:10]}"
+    client = connect(shared_redis_url())
+    with worker_thread(prefix):
+        deadline = time.monotonic() + 20
+        while not JobQueue(client, prefix).workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = redis_stats(client, prefix)
+    assert (stats["workers_idle"], stats["workers_busy"], stats["queued"]) == (1, 0, 0)

@@ -67,18 +67,20 @@ class Metrics:
             self._http = None
 
 
-LIVE_CONSUMER_S = 60.0      # a worker's heartbeat touches its consumer well within the job lease
+LIVE_CONSUMER_S = 60.0      # workers announce themselves every few seconds
 
 
 def redis_stats(client, prefix: str = "sith") -> dict:
     """Queue depth (queued/running), workers (busy/idle) and cluster-wide cache hits/misses.
 
-    Running = entries delivered but not acked (the group's pending list); a worker is a consumer
-    of the group seen within ``LIVE_CONSUMER_S``, busy while it holds a pending entry.
+    Running = entries delivered but not acked (the group's pending list). Live workers come from
+    their heartbeat announcements (``JobQueue.workers``), not from the group's consumers: a consumer
+    only appears after its first delivery, so an idle new worker would be invisible there. A live
+    worker is busy while its consumer holds a pending entry.
     """
     import redis
 
-    from sith_workers.queue import GROUP
+    from sith_workers.queue import GROUP, JobQueue
 
     stream = f"{prefix}:jobs"
     pipe = client.pipeline(transaction=False)
@@ -89,12 +91,17 @@ def redis_stats(client, prefix: str = "sith") -> dict:
         consumers = client.xinfo_consumers(stream, GROUP)
     except redis.ResponseError:       # no stream or group yet: nobody ever consumed
         consumers = []
-    live = [c for c in consumers if int(c.get("idle", 0)) < LIVE_CONSUMER_S * 1000]
-    running = sum(int(c.get("pending", 0)) for c in consumers)
-    busy = sum(1 for c in live if int(c.get("pending", 0)) > 0)
+    pending = {_text(c["name"]): int(c.get("pending", 0)) for c in consumers}
+    live = JobQueue(client, prefix).workers(max_age_s=LIVE_CONSUMER_S)
+    running = sum(pending.values())
+    busy = sum(1 for name in live if pending.get(name, 0) > 0)
     return {"queued": max(int(depth) - running, 0), "running": running, "workers_busy": busy,
             "workers_idle": len(live) - busy, "cache_hit": int(cache.get(b"hits", 0)),
             "cache_miss": int(cache.get(b"misses", 0))}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _RedisCollector:
