@@ -14,7 +14,7 @@ factors are tiny), which makes the result closer to exact than a dense fp32 SVD.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,36 +114,32 @@ def _index_list(values: int | Sequence[int], field: str) -> list[int]:
     return items
 
 
+def _resolve(values: int | Sequence[int], count: int, field: str, out_of_range: Callable[[int], str]) -> list[int]:
+    """Sorted, de-duplicated non-negative indices into ``count`` items (negative indices allowed)."""
+    items = _index_list(values, field)
+    if not items:
+        raise InvalidInput(field, f"no {field} given")
+    for value in items:
+        if not -count <= value < count:
+            raise InvalidInput(field, out_of_range(value))
+    return sorted({value % count for value in items})
+
+
 def resolve_layers(info, layers: int | Sequence[int] | None) -> list[int]:
     """Sorted, de-duplicated non-negative layer indices; default the last four (spec §1.1)."""
     if layers is None:
         return list(range(max(0, info.layers - DEFAULT_LAST_LAYERS), info.layers))
-    items = _index_list(layers, "layers")
-    if not items:
-        raise InvalidInput("layers", "no layers given")
-    resolved = []
-    for layer in items:
-        if not -info.layers <= layer < info.layers:
-            raise InvalidInput("layers", f"layer {layer} is out of range for a tower with {info.layers} blocks "
-                               f"(valid: 0..{info.layers - 1} or -{info.layers}..-1)")
-        resolved.append(layer % info.layers)
-    return sorted(set(resolved))
+    return _resolve(layers, info.layers, "layers",
+                    lambda layer: f"layer {layer} is out of range for a tower with {info.layers} blocks "
+                                  f"(valid: 0..{info.layers - 1} or -{info.layers}..-1)")
 
 
 def resolve_heads(info, heads: int | Sequence[int] | None) -> list[int]:
     """Sorted, de-duplicated head indices (negative allowed); default all heads."""
     if heads is None:
         return list(range(info.heads))
-    items = _index_list(heads, "heads")
-    if not items:
-        raise InvalidInput("heads", "no heads given")
-    resolved = []
-    for head in items:
-        if not -info.heads <= head < info.heads:
-            raise InvalidInput("heads", f"head {head} is out of range for {info.heads} heads "
-                               f"(valid: 0..{info.heads - 1})")
-        resolved.append(head % info.heads)
-    return sorted(set(resolved))
+    return _resolve(heads, info.heads, "heads",
+                    lambda head: f"head {head} is out of range for {info.heads} heads (valid: 0..{info.heads - 1})")
 
 
 def decompose(loaded, layers: int | Sequence[int] | None = None) -> dict[int, LayerSVD]:
