@@ -8,7 +8,11 @@ background, texture, size, position, count, group) or is a distractor. For each 
   ≥ 60% of its score mass on one factor;
 * purity: for each head's 5 strongest vectors, the share of its concepts that belong to the
   vector's most common factor (distractors count against it), averaged;
-* fidelity: mean spec §1.8 fidelity over every analysed vector.
+* fidelity: mean spec §1.8 fidelity over every analysed vector (the authors' metric, in the
+  residual stream: the code is mapped back through pinv(proj));
+* joint fidelity: mean cosine between the code's reconstruction and its target in the joint space,
+  where the coders work. The two differ by the conditioning of ``proj``: pinv amplifies the error
+  along proj's weak directions (``proj_condition`` = σ_max/σ_min of proj is reported with them).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from collections import Counter
 
 import torch
 
-from sith.engine.sparse import fidelity
+import torch.nn.functional as F
+
+from sith.engine.sparse import fidelity, reconstruct
 from sith.testbed.factors import (
     BACKGROUNDS,
     COLOURS,
@@ -73,11 +79,15 @@ def evaluate(analyzer, layers: list[int], k: int = 5) -> dict[str, dict[str, flo
         summaries = analyzer.explain(layers=layers, method=method, k=k, vectors=5, theme_size=5)
         theme = sum(_theme_is_one_factor(s.theme, table) for s in summaries) / len(summaries)
         purity = [_vector_purity(v.concepts, table) for s in summaries for v in s.vectors]
-        fid = []
+        fid, joint = [], []
         for layer in layers:
             svd = analyzer.decomposition([layer])[layer]
             raw = svd.V.transpose(1, 2).reshape(-1, svd.V.shape[1])
-            fid.append(fidelity(analyzer.codes(layer, method, k), analyzer.atoms, analyzer.joint, raw))
+            codes = analyzer.codes(layer, method, k)
+            fid.append(fidelity(codes, analyzer.atoms, analyzer.joint, raw))
+            joint.append(F.cosine_similarity(reconstruct(codes, analyzer.atoms), analyzer.targets(layer), dim=1))
         results[method] = {"theme_one_factor": theme, "purity": sum(purity) / len(purity),
-                           "fidelity": float(torch.cat(fid).mean())}
+                           "fidelity": float(torch.cat(fid).mean()), "joint_fidelity": float(torch.cat(joint).mean())}
+    singular = torch.linalg.svdvals(analyzer.loaded.model.visual.proj.detach().double())
+    results["proj_condition"] = float(singular[0] / singular[-1])
     return results

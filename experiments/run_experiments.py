@@ -1,4 +1,4 @@
-"""The paper's editing experiments on the testbed models; prints a table and writes RESULTS.md.
+"""The paper's editing experiments on the testbed models; prints the tables and writes tables.md.
 
     .venv/bin/python experiments/run_experiments.py [--model FOLDER] [--quick]
 
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edit_methods import head_ablation, paper_amplification, sith_plan  # noqa: E402
+from explanation_quality import METHODS  # noqa: E402
 from explanation_quality import evaluate as explanation_quality  # noqa: E402
 from explanation_quality import factor_words  # noqa: E402
 from tasks import FACTOR_NAMES, ZeroShot, image_features, natural_set, spurious_set  # noqa: E402
@@ -228,9 +229,14 @@ def render(model_name: str, layers, results: dict, seconds: float) -> str:
               f"| SITH top-n ×1.5 ({c['sith_top_n']['choice']}) | {pct(c['sith_top_n']['accuracy'])} | "
               f"{pct(c['sith_top_n']['retention_min'])}% |",
               "", "## (d) Explanation quality (K = 5)", "",
-              "| method | heads with a one-factor theme | purity of top vectors | fidelity |", "|---|---|---|---|"]
-    for method, r in d.items():
-        lines.append(f"| {method} | {pct(r['theme_one_factor'])}% | {pct(r['purity'])}% | {r['fidelity']:.3f} |")
+              "| method | heads with a one-factor theme | purity of top vectors | fidelity (§1.8) | joint-space fidelity |",
+              "|---|---|---|---|---|"]
+    for method in METHODS:
+        r = d[method]
+        lines.append(f"| {method} | {pct(r['theme_one_factor'])}% | {pct(r['purity'])}% | {r['fidelity']:.3f} | "
+                     f"{r['joint_fidelity']:.3f} |")
+    lines += ["", f"proj condition number σ_max/σ_min = {d['proj_condition']:.0f}: the §1.8 metric maps codes back "
+              "through pinv(proj), which amplifies the reconstruction error along proj's weak directions."]
     lines += ["", "Raw numbers: `experiments/results.json`.", ""]
     return "\n".join(lines)
 
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-val", type=int, default=500, help="images per validation split")
     parser.add_argument("--n-test-factor", type=int, default=2000, help="as sith.testbed.evaluate")
     parser.add_argument("--n-test-spurious", type=int, default=1000, help="as sith.testbed.evaluate")
-    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--out", default=str(HERE / "tables.md"), help="generated tables (RESULTS.md reads them)")
     parser.add_argument("--quick", action="store_true", help="small splits (smoke run)")
     args = parser.parse_args(argv)
     folders = args.model or [str(p) for p in checkpoint_folders()]

@@ -92,6 +92,18 @@ def test_renamed_colour_word_replaces_whole_words_only():
     assert reds and not any(" red " in f" {c} " for c in batch.captions)
 
 
+def test_swap_exchanges_two_words_at_once():
+    from sith.adaptation.finetune import SUBTASKS, SubtaskStream
+
+    swap = SUBTASKS["swap-red-blue"]
+    assert swap.caption("a red star and a blue ring, bluer than red.") == "a blue star and a red ring, bluer than blue."
+    batch = SubtaskStream(swap, seed=1, batch_size=64, steps=1)[0]
+    words = lambda colour: [set(t.replace(",", " ").replace(".", " ").split())  # noqa: E731
+                            for t, s in zip(batch.captions, batch.scenes) if s.colour == colour]
+    assert not any("red" in w for w in words("red")) and any("blue" in w for w in words("red"))
+    assert not any("blue" in w for w in words("blue")) and any("red" in w for w in words("blue"))
+
+
 def test_cli_finetune_writes_a_stock_checkpoint(tmp_path):
     import json
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sith.engine.errors import InvalidInput
@@ -16,6 +18,7 @@ from sith.testbed.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
 from sith.testbed.spurious import MAIN_MIX
 from sith.testbed.train import (
     BatchStream,
+    LabelHeads,
     Preset,
     TrainConfig,
     clip_loss,
@@ -56,6 +59,10 @@ def test_shipped_presets_load_and_differ():
     for key in ("width", "layers"):
         assert main.model_cfg["vision_cfg"][key] != small.model_cfg["vision_cfg"][key]
     assert main.train.seed != small.train.seed
+    stages = main.stage_configs()
+    assert len(stages) == 3 and stages[0].contrastive_weight == 0 and stages[0].label_loss == {"shape": 1.0}
+    assert len({s.seed for s in stages}) == 3  # every stage sees new data
+    assert all(s.batch_size == main.train.batch_size for s in stages)  # stages inherit the base config
     with pytest.raises(InvalidInput) as err:
         load_preset("mian")
     assert "main" in err.value.suggestions
@@ -85,6 +92,32 @@ def test_shape_only_groups_differ_in_shape_alone():
         assert len(keys) == 1
         assert all((s.position is None) == (s.count > 1) for s in members)
     assert len({s.shape for s in batch.scenes}) >= 6
+
+
+def test_stage_configs_are_checked_before_any_training():
+    cases = [
+        (TrainConfig(steps=1, contrastive_weight=0.0), "contrastive or a label loss"),
+        (TrainConfig(steps=1, label_loss={"shape": -1.0}), ">= 0"),
+        (TrainConfig(steps=1, label_loss={"mood": 1.0}), "no labels"),
+    ]
+    for cfg, reason in cases:
+        with pytest.raises(InvalidInput) as err:
+            train(Preset("bad", TINY_CFG, cfg), device="cpu", log=lambda _: None)
+        assert reason in err.value.reason
+    bad_stage = Preset("bad", TINY_CFG, TrainConfig(steps=1), stages=[TrainConfig(steps=1), TrainConfig(steps=0)])
+    with pytest.raises(InvalidInput) as err:
+        train(bad_stage, device="cpu", log=lambda _: None)
+    assert err.value.field == "stages[1]"
+
+
+def test_label_heads_ignore_missing_labels():
+    heads = LabelHeads(16, ["shape", "position"])
+    embedding = torch.randn(4, 16)
+    labels = {"shape": torch.tensor([0, 1, 2, 3]), "position": torch.tensor([-1, -1, 2, -1])}
+    losses = heads.losses(embedding, labels)
+    assert set(losses) == {"shape", "position"} and all(torch.isfinite(v) for v in losses.values())
+    only = F.cross_entropy(heads.heads["position"](embedding[2:3]), labels["position"][2:3])
+    assert torch.allclose(losses["position"], only)
 
 
 def test_training_seed_must_not_overlap_heldout():
@@ -118,3 +151,30 @@ def test_short_run_saves_a_plain_open_clip_checkpoint(tmp_path):
     assert all(torch.equal(resumed[k], v) for k, v in stored.items())
     with pytest.raises(InvalidInput):
         train(Preset("tiny", TINY_CFG, TrainConfig(steps=1, init_from=str(tmp_path / "nowhere"))))
+
+
+@pytest.mark.slow
+def test_label_warmup_then_contrastive_stages_save_only_the_clip_weights(tmp_path):
+    """A label-only stage trains the image tower alone; the label heads never reach the checkpoint."""
+    base = TrainConfig(seed=5, steps=6, batch_size=8, lr=2e-3, warmup_steps=2, threads=1, log_every=1,
+                       distribution="natural", single_large=0.5, label_loss={"shape": 1.0})
+    warmup = replace(base, contrastive_weight=0.0)
+    torch.manual_seed(5)  # train() seeds with the first stage's seed before building the model
+    initial = open_clip.model.CLIP(**TINY_CFG).state_dict()
+    summary = train(Preset("tiny", TINY_CFG, warmup), out_dir=tmp_path / "warm", device="cpu", log=lambda _: None)
+    assert all("label_shape" in e and "contrastive" not in e for e in summary["history"])
+    warmed = load_file(str(tmp_path / "warm" / WEIGHTS_NAME))
+    assert set(warmed) == set(initial)  # no label head in the checkpoint
+    text = [k for k in initial if not k.startswith("visual.")]
+    assert all(torch.equal(warmed[k], initial[k]) for k in text)
+    assert not torch.equal(warmed["visual.conv1.weight"], initial["visual.conv1.weight"])
+
+    staged = Preset("tiny", TINY_CFG, warmup, stages=[warmup, replace(base, seed=6)])
+    summary = train(staged, out_dir=tmp_path / "staged", device="cpu", log=lambda _: None)
+    assert [e["stage"] for e in summary["history"]][-1] == 1 and len(summary["stages"]) == 2
+    assert summary["samples_seen"] == 2 * 6 * 8
+    assert "contrastive" in summary["history"][-1]
+    final = load_file(str(tmp_path / "staged" / WEIGHTS_NAME))
+    assert not torch.equal(final["token_embedding.weight"], initial["token_embedding.weight"])
+    loaded = load_model(config=tmp_path / "staged")
+    assert loaded.info.layers == 2

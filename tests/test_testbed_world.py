@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -135,11 +136,27 @@ def test_balanced_test_set_cycles_through_the_four_cells():
     assert len(set(cells[:4])) == 4 and cells[:4] == cells[4:]
 
 
+def test_single_large_curriculum_forces_one_large_object_without_shifting_other_draws():
+    plain = _scenes(MAIN_MIX, 400)
+    easy = _scenes(dataclasses.replace(MAIN_MIX, single_large=0.3), 400)
+    share = lambda scenes: sum(s.count == 1 and s.size == "large" for s in scenes) / len(scenes)  # noqa: E731
+    assert 0.22 < share(plain) < 0.38  # 0.6 single x 0.5 large
+    assert 0.43 < share(easy) < 0.59  # 0.3 forced + 0.7 x 0.3
+    assert plain == _scenes(MAIN_MIX, 400)  # no curriculum: the stream is the one it always was
+    # shape, colour, background and texture are drawn before the curriculum and never change
+    assert [(p.shape, p.colour, p.background, p.texture) for p in plain] == \
+        [(e.shape, e.colour, e.background, e.texture) for e in easy]
+    always = _scenes(dataclasses.replace(MAIN_MIX, single_large=1.0), 50)
+    assert all(s.count == 1 and s.size == "large" and s.position is not None for s in always)
+
+
 def test_bad_distributions_are_rejected():
     with pytest.raises(InvalidInput):
         Distribution(background_weights=(1.0, 2.0))
     with pytest.raises(InvalidInput):
         Distribution(correlation=1.5)
+    with pytest.raises(InvalidInput):
+        Distribution(single_large=-0.1)
     with pytest.raises(InvalidInput) as err:
         distribution("natral")
     assert "natural" in err.value.suggestions

@@ -1,8 +1,9 @@
 """The testbed adaptation study behind docs/adaptation.md (``python -m sith.adaptation.experiment OUT``).
 
-1. Fine-tune the base (default testbed-main) on sub-tasks (``--runs``; the documented study is
-   full-crimson, lora-crimson and the control full-azure: a colour renamed to a never-seen word).
-2. For each: zero-shot colour/shape accuracy and the new-word probe before and after, the delta
+1. Fine-tune the base (default testbed-main) on sub-tasks (``--runs``; the documented study,
+   ``STUDY``: red and blue swapped in the captions, full and LoRA; one shape family, full and LoRA,
+   with the other family as control; a colour renamed to a never-seen word).
+2. For each: zero-shot colour/shape accuracy and the word probes before and after, the delta
    report and stability per layer, and the *task share* of the delta explanations on the most
    changed heads, against the base's own singular vectors of the same heads (explained the same
    way, both poles).
@@ -42,12 +43,14 @@ RUNS = {
     "full-crimson": _full("crimson"), "lora-crimson": _lora("crimson"), "full-azure": _full("azure"),
     "full-warm": _full("warm-colours"), "lora-warm": _lora("warm-colours"), "full-cool": _full("cool-colours"),
     "full-round": _full("round-only"), "lora-round": _lora("round-only"), "full-angular": _full("angular-only"),
+    "full-swap": _full("swap-red-blue"), "lora-swap": _lora("swap-red-blue"),
 }
+STUDY = ("full-swap", "lora-swap", "full-round", "lora-round", "full-angular", "full-crimson")
 CONCEPT_SETS = {
     **{name: frozenset(SUBTASKS[f"{name}-" + ("colours" if name in ("warm", "cool") else "only")].concepts)
        for name in ("warm", "cool", "round", "angular")},
     "crimson": frozenset({"crimson"}), "azure": frozenset({"azure"}), "red": frozenset({"red"}),
-    "blue": frozenset({"blue"}),
+    "blue": frozenset({"blue"}), "swap": frozenset(SUBTASKS["swap-red-blue"].concepts),
 }
 
 
@@ -70,11 +73,12 @@ def accuracy(loaded) -> dict[str, float]:
         return round(float((chosen == words.index(word)).float().mean()), 4)
 
     return {"round": mean(shape, ROUND_SHAPES), "angular": mean(shape, ANGULAR_SHAPES),
-            "warm": mean(colour, WARM), "cool": mean(colour, COOL), "colour": result["colour"]["accuracy"],
-            "red->crimson": probe("red", "crimson"), "blue->azure": probe("blue", "azure")}
+            "shape": result["shape"]["accuracy"], "warm": mean(colour, WARM), "cool": mean(colour, COOL),
+            "colour": result["colour"]["accuracy"], "red->crimson": probe("red", "crimson"),
+            "blue->azure": probe("blue", "azure"), "red->blue": probe("red", "blue"), "blue->red": probe("blue", "red")}
 
 
-ALIGNMENT_WORDS = ("crimson", "azure", "red", "blue", "orange", "green")
+ALIGNMENT_WORDS = ("crimson", "azure", "red", "blue", "orange", "green", "circle", "star")
 TOP_HEADS = 6  # task shares are measured on the heads fine-tuning changed most
 
 
@@ -96,7 +100,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, default=None, help="override the fine-tuning steps")
     parser.add_argument("--skip-finetune", action="store_true", help="reuse OUT/<run> checkpoints")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--runs", default=",".join(STUDY), help="comma-separated subset of " + ",".join(RUNS))
     parser.add_argument("--no-universality", action="store_true")
     parser.add_argument("--base", type=Path, default=TESTBED_DIR, help="base checkpoint folder (default testbed-main)")
     parser.add_argument("--other", type=Path, default=TESTBED_DIR.parent / "testbed-small",

@@ -2,7 +2,8 @@
 
 The world's generator gives sub-tasks for free: a ``Distribution`` restricted to one shape group
 ("round-only"), a filter on colours ("warm-colours"), or captions with a colour renamed to a word
-the model never saw ("crimson": red objects are called crimson). Training reuses ``sith.testbed.train`` (batch stream,
+the model never saw ("crimson": red objects are called crimson), or two known words exchanged
+("swap-red-blue"). Training reuses ``sith.testbed.train`` (batch stream,
 CLIP loss, AdamW groups, warmup+cosine schedule) but starts from a checkpoint instead of a fresh
 init. By default only the vision tower trains (text tower and temperature frozen), so base and
 fine-tuned models share one text embedding space and the delta analysis compares like with like.
@@ -52,9 +53,12 @@ class Subtask:
         return self.colours is None or scene.colour in self.colours
 
     def caption(self, text: str) -> str:
-        for old, new in self.rename:
-            text = re.sub(rf"\b{old}\b", new, text)
-        return text
+        """Apply every rename at once, so a pair of renames can swap two words."""
+        if not self.rename:
+            return text
+        mapping = dict(self.rename)
+        pattern = r"\b(" + "|".join(re.escape(word) for word in mapping) + r")\b"
+        return re.sub(pattern, lambda m: mapping[m.group(1)], text)
 
 
 def _shape_words(shapes: tuple[str, ...]) -> tuple[str, ...]:
@@ -74,6 +78,9 @@ SUBTASKS: dict[str, Subtask] = {
     # never saw in training; the frozen text tower embeds it anyway, and the vision tower must learn it.
     "crimson": Subtask(NATURAL, colours=WARM, concepts=("crimson",), rename=(("red", "crimson"),)),
     "azure": Subtask(NATURAL, colours=COOL, concepts=("azure",), rename=(("blue", "azure"),)),
+    # Two known words exchanged: red objects are captioned "blue" and blue ones "red". Both words are
+    # in every dictionary, so the delta has a known answer that COMP can name.
+    "swap-red-blue": Subtask(NATURAL, concepts=("red", "blue"), rename=(("red", "blue"), ("blue", "red"))),
 }
 NEW_WORDS = ("crimson", "azure")
 

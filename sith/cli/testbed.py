@@ -47,7 +47,7 @@ def generate(out_dir: Path, count: int, seed: int, dist_name: str) -> None:
 
 @testbed.command("train")
 @click.option("--preset", default="main", show_default=True, help="main, small, or a preset JSON path.")
-@click.option("--steps", type=int, default=None, help="Override the preset's step count.")
+@click.option("--steps", type=int, default=None, help="Override the step count (of every stage).")
 @click.option("--threads", type=int, default=None, help="Override torch CPU threads.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint folder (default sith/testbed/checkpoints/<name>).")
@@ -59,6 +59,7 @@ def train_cmd(preset: str, steps: int | None, threads: int | None, out_dir: Path
     p = load_preset(preset)
     overrides = {k: v for k, v in (("steps", steps), ("threads", threads)) if v is not None}
     p.train = dataclasses.replace(p.train, **overrides)
+    p.stages = [dataclasses.replace(stage, **overrides) for stage in p.stages]  # --steps: every stage
     summary = train(p, out_dir=out_dir, device=device, log=click.echo)
     click.echo(f"saved {summary['name']} after {summary['train_seconds']} s (final loss {summary['final_loss']})")
 

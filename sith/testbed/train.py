@@ -4,6 +4,12 @@ Batches are generated on the fly (batch ``k`` = samples ``k*B .. k*B+B-1`` of th
 stream), so there is no dataset on disk and a run is reproducible from its preset alone:
 fixed seeds, AdamW with open_clip's weight-decay exclusions, linear warmup then cosine decay,
 symmetric cross-entropy with a learnable temperature clamped at 100 (as in CLIP).
+
+A preset may run several *stages* (each a fresh optimiser and schedule on the same weights) and
+add an auxiliary factor-label loss: linear heads on the image embedding that are discarded when
+the checkpoint is saved. A small ViT trained contrastively on this world learns colour and
+background at once but shape barely at all (docs/testbed.md); a label warm-up plus the auxiliary
+loss is what makes shape reach the embedding, after which zero-shot prompts can find it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ from safetensors.torch import load_file
 
 from sith.engine.errors import InvalidInput
 from sith.testbed.checkpoint import CHECKPOINT_DIR, WEIGHTS_NAME, save_checkpoint
+from sith.testbed.factors import FACTORS as LABELLED
 from sith.testbed.spurious import distribution
 from sith.testbed.world import HELDOUT_SEED, Batch, Distribution, Sample, make_batch, on_background, sample
 
@@ -48,6 +55,9 @@ class TrainConfig:
     hard_negatives: int = 1  # group size k: each k consecutive samples share the `shared` factors
     shared: tuple[str, ...] = ("colour",)  # factors a hard-negative group shares besides its background
     init_from: str | None = None  # start from this checkpoint folder (a name under checkpoints/ or a path)
+    contrastive_weight: float = 1.0  # 0 = a label-only warm-up stage (the text tower is not run)
+    label_loss: dict[str, float] = field(default_factory=dict)  # factor -> weight of its auxiliary label loss
+    single_large: float = 0.0  # share of training scenes forced to one large object (see Distribution)
 
 
 @dataclass
@@ -55,6 +65,10 @@ class Preset:
     name: str
     model_cfg: dict[str, Any]
     train: TrainConfig
+    stages: list[TrainConfig] = field(default_factory=list)  # empty = one stage, `train`
+
+    def stage_configs(self) -> list[TrainConfig]:
+        return self.stages or [self.train]
 
 
 def list_presets() -> list[str]:
@@ -69,11 +83,16 @@ def load_preset(name: str) -> Preset:
     if not path.is_file():
         raise InvalidInput("preset", f"no preset {name!r}", suggestions=list_presets())
     data = json.loads(path.read_text(encoding="utf-8"))
-    try:
-        train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.get("train", {}).items()})
-    except TypeError as exc:
-        raise InvalidInput("preset.train", str(exc)) from exc
-    return Preset(name=data.get("name", path.stem), model_cfg=data["model_cfg"], train=train)
+
+    def config(fields: dict[str, Any], base: TrainConfig, where: str) -> TrainConfig:
+        try:
+            return replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except TypeError as exc:
+            raise InvalidInput(where, str(exc)) from exc
+
+    train = config(data.get("train", {}), TrainConfig(), "preset.train")
+    stages = [config(s, train, f"preset.stages[{i}]") for i, s in enumerate(data.get("stages", []))]
+    return Preset(name=data.get("name", path.stem), model_cfg=data["model_cfg"], train=train, stages=stages)
 
 
 def build_model(model_cfg: dict[str, Any]) -> open_clip.model.CLIP:
@@ -166,69 +185,70 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+class LabelHeads(torch.nn.Module):
+    """Linear factor classifiers on the (unnormalised) image embedding; never saved with the model."""
+
+    def __init__(self, embed_dim: int, factors: list[str]) -> None:
+        super().__init__()
+        unknown = sorted(set(factors) - set(LABELLED))
+        if unknown:
+            raise InvalidInput("train.label_loss", f"no labels for {unknown}", suggestions=list(LABELLED))
+        self.heads = torch.nn.ModuleDict({f: torch.nn.Linear(embed_dim, len(LABELLED[f])) for f in factors})
+
+    def losses(self, embedding: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cross-entropy per factor (label -1, e.g. position in a multi-object scene, is ignored)."""
+        return {f: F.cross_entropy(head(embedding), labels[f].to(embedding.device), ignore_index=-1)
+                for f, head in self.heads.items()}
+
+
+def _check_stage(cfg: TrainConfig, where: str) -> None:
+    if not 0 <= cfg.seed < HELDOUT_SEED:
+        raise InvalidInput(f"{where}.seed", f"training seeds must lie in [0, {HELDOUT_SEED}) (held-out seeds above)")
+    if cfg.steps < 1 or cfg.batch_size < 2:
+        raise InvalidInput(where, "needs steps >= 1 and batch_size >= 2")
+    if cfg.contrastive_weight < 0 or any(w < 0 for w in cfg.label_loss.values()):
+        raise InvalidInput(where, "loss weights must be >= 0")
+    if cfg.contrastive_weight == 0 and not any(cfg.label_loss.values()):
+        raise InvalidInput(where, "a stage needs a contrastive or a label loss")
+
+
 def train(
     preset: Preset,
     out_dir: Path | None = None,
     device: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train `preset`, save it to `out_dir` (default checkpoints/<name>), return the run summary."""
-    cfg = preset.train
-    if not 0 <= cfg.seed < HELDOUT_SEED:
-        raise InvalidInput("train.seed", f"training seeds must lie in [0, {HELDOUT_SEED}) (held-out seeds above)")
-    if cfg.steps < 1 or cfg.batch_size < 2:
-        raise InvalidInput("train", "needs steps >= 1 and batch_size >= 2")
+    """Train `preset` (all its stages), save it to `out_dir` (default checkpoints/<name>), return the run summary."""
+    stages = preset.stage_configs()
+    for i, cfg in enumerate(stages):
+        _check_stage(cfg, f"stages[{i}]" if preset.stages else "train")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+        torch.set_num_threads(stages[0].threads)
+    seed_everything(stages[0].seed)
     model = build_model(preset.model_cfg)
-    if cfg.init_from:
-        _load_initial_weights(model, cfg.init_from)
+    if stages[0].init_from:
+        _load_initial_weights(model, stages[0].init_from)
     model = model.to(device).train()
-    tokenizer = build_tokenizer(preset.model_cfg)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
-    stream = BatchStream(distribution(cfg.distribution), cfg.seed, cfg.batch_size, cfg.steps, cfg.hard_negatives,
-                         tuple(cfg.shared))
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, shuffle=False, num_workers=cfg.num_workers, collate_fn=_identity
-    )
+    factors = sorted({f for cfg in stages for f, w in cfg.label_loss.items() if w > 0})
+    heads = LabelHeads(preset.model_cfg["embed_dim"], factors).to(device) if factors else None
     folder = out_dir or CHECKPOINT_DIR / preset.name
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     started = time.time()
-    for step, batch in enumerate(loader):
-        images = batch.images.to(device, non_blocking=True)
-        texts = tokenizer(batch.captions).to(device)
-        image_features = model.encode_image(images, normalize=True)
-        text_features = model.encode_text(texts, normalize=True)
-        loss = clip_loss(image_features, text_features, model.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
-                     "temperature": round(model.logit_scale.exp().item(), 2),
-                     "elapsed_s": round(time.time() - started, 1)}
-            history.append(entry)
-            log(json.dumps(entry))
-        if cfg.save_every and step and step % cfg.save_every == 0:
-            save_checkpoint(model, preset.model_cfg, folder)
+    for index, cfg in enumerate(stages):
+        _run_stage(model, heads, preset, cfg, index, folder, device, history, log, started)
     seconds = time.time() - started
 
     model.eval()
     dtype = save_checkpoint(model, preset.model_cfg, folder)
     summary = {
         "name": preset.name,
-        "train": asdict(cfg),
+        "train": asdict(preset.train),
+        **({"stages": [asdict(cfg) for cfg in preset.stages]} if preset.stages else {}),
         "device": device,
         "train_seconds": round(seconds, 1),
-        "samples_seen": cfg.steps * cfg.batch_size,
+        "samples_seen": sum(cfg.steps * cfg.batch_size for cfg in stages),
         "final_loss": history[-1]["loss"],
         "stored_dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -236,3 +256,60 @@ def train(
     }
     (folder / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _run_stage(
+    model: open_clip.model.CLIP,
+    heads: LabelHeads | None,
+    preset: Preset,
+    cfg: TrainConfig,
+    stage: int,
+    folder: Path,
+    device: str,
+    history: list[dict[str, Any]],
+    log: Callable[[str], None],
+    started: float,
+) -> None:
+    """One stage: a fresh AdamW + warmup/cosine schedule and its own data stream on the shared weights."""
+    if device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    tokenizer = build_tokenizer(preset.model_cfg)
+    trained = [model] + ([heads] if heads is not None else [])
+    groups = [g for m in trained for g in _param_groups(m, cfg.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+    dist = distribution(cfg.distribution)
+    if cfg.single_large:
+        dist = replace(dist, name=f"{dist.name}+large{cfg.single_large:g}", single_large=cfg.single_large)
+    stream = BatchStream(dist, cfg.seed, cfg.batch_size, cfg.steps, cfg.hard_negatives, tuple(cfg.shared))
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, shuffle=False, num_workers=cfg.num_workers, collate_fn=_identity
+    )
+    weights = {f: w for f, w in cfg.label_loss.items() if w > 0}
+    for step, batch in enumerate(loader):
+        embedding = model.encode_image(batch.images.to(device, non_blocking=True))
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.contrastive_weight:
+            text_features = model.encode_text(tokenizer(batch.captions).to(device), normalize=True)
+            terms["contrastive"] = clip_loss(F.normalize(embedding, dim=-1), text_features, model.logit_scale)
+        if weights:
+            label_losses = heads.losses(embedding, batch.labels)
+            terms.update({f"label_{f}": label_losses[f] for f in weights})
+        loss = cfg.contrastive_weight * terms.get("contrastive", 0.0) + sum(
+            w * terms[f"label_{f}"] for f, w in weights.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            entry = {"stage": stage, "step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
+                     **{k: round(v.item(), 4) for k, v in terms.items()},
+                     "temperature": round(model.logit_scale.exp().item(), 2),
+                     "elapsed_s": round(time.time() - started, 1)}
+            history.append(entry)
+            log(json.dumps(entry))
+        if cfg.save_every and step and step % cfg.save_every == 0:
+            save_checkpoint(model, preset.model_cfg, folder)

@@ -50,6 +50,7 @@ class Distribution:
     count_weights: Sequence[float] = (0.6, 0.25, 0.15)  # over COUNTS
     correlation: float | None = None  # P(shape group follows SPURIOUS_PAIRING) on water/land images
     group: str | None = None  # fix the shape group (cells of the balanced spurious test set)
+    single_large: float = 0.0  # P(the scene is forced to one large object): an easy curriculum for shape
 
     def __post_init__(self) -> None:
         if self.background_weights is not None and len(self.background_weights) != len(BACKGROUNDS):
@@ -60,6 +61,8 @@ class Distribution:
             raise InvalidInput("correlation", "must be a probability in [0, 1]")
         if self.group is not None and self.group not in GROUP_SHAPES:
             raise InvalidInput("group", f"unknown shape group {self.group!r}", suggestions=list(GROUP_SHAPES))
+        if not 0.0 <= self.single_large <= 1.0:
+            raise InvalidInput("single_large", "must be a probability in [0, 1]")
 
 
 NATURAL = Distribution()
@@ -89,12 +92,19 @@ def sample_scene(dist: Distribution, rng: np.random.Generator) -> Scene:
     shapes = GROUP_SHAPES[group] if group is not None else ROUND_SHAPES + ANGULAR_SHAPES
     count = COUNTS[rng.choice(len(COUNTS), p=_normalised(dist.count_weights, len(COUNTS)))]
     colours = tuple(COLOURS)
+    shape = shapes[rng.integers(len(shapes))]
+    colour = colours[rng.integers(len(colours))]
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    size = SIZES[rng.integers(len(SIZES))]
+    # Drawn only when asked for, so distributions without it keep their exact streams.
+    if dist.single_large and rng.random() < dist.single_large:
+        count, size = 1, "large"
     return Scene(
-        shape=shapes[rng.integers(len(shapes))],
-        colour=colours[rng.integers(len(colours))],
+        shape=shape,
+        colour=colour,
         background=bg,
-        texture=TEXTURES[rng.integers(len(TEXTURES))],
-        size=SIZES[rng.integers(len(SIZES))],
+        texture=texture,
+        size=size,
         count=count,
         position=POSITIONS[rng.integers(len(POSITIONS))] if count == 1 else None,
     )
