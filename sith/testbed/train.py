@@ -223,8 +223,6 @@ def train(
     for i, cfg in enumerate(stages):
         _check_stage(cfg, f"stages[{i}]" if preset.stages else "train")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        torch.set_num_threads(stages[0].threads)
     seed_everything(stages[0].seed)
     model = build_model(preset.model_cfg)
     if stages[0].init_from:
