@@ -81,28 +81,38 @@ def _edited(analyzer, multipliers):
     return apply_multipliers(analyzer.loaded.model, multipliers, analyzer.decomposition(multipliers.layers)).eval()
 
 
-def candidates_sith(analyzer, concepts, layers, action="suppress", strength=None):
-    for n in N_GRID:
-        try:
-            plan = sith_plan(analyzer, concepts, n, action, strength, layers)
-        except InvalidInput:
-            continue
-        yield f"n={n}", plan.multipliers, len(plan.affected)
+def candidates_sith(analyzer, concepts, layer_sets, action="suppress", strength=None):
+    """Every (layer set, n) of the grid; the layer range is a hyperparameter like n."""
+    for tag, layers in layer_sets.items():
+        for n in N_GRID:
+            try:
+                plan = sith_plan(analyzer, concepts, n, action, strength, layers)
+            except InvalidInput:
+                continue
+            yield f"{tag} n={n}", plan.multipliers, len(plan.affected)
 
 
-def candidates_heads(analyzer, concepts, layers):
-    for m in M_GRID:
-        if m > len(layers) * analyzer.loaded.info.heads // 2:
-            break
-        multipliers, heads = head_ablation(analyzer, concepts, m, layers)
-        yield f"m={m} {heads}", multipliers, m * analyzer.loaded.info.head_dim
+def candidates_heads(analyzer, concepts, layer_sets):
+    for tag, layers in layer_sets.items():
+        for m in M_GRID:
+            if m > len(layers) * analyzer.loaded.info.heads // 2:
+                break
+            multipliers, heads = head_ablation(analyzer, concepts, m, layers)
+            yield f"{tag} m={m} {heads}", multipliers, m * analyzer.loaded.info.head_dim
 
 
 # ------------------------------------------------------------------------------ experiments
 
 
+WORST_GROUP_GAIN = 0.15  # target (a): worst-group accuracy up at least 15 points, mean not lower
+
+
 def spurious(analyzer, bench: Bench, layers) -> dict:
-    """Suppress background concepts: water/land (the spurious pair) or every background word."""
+    """Suppress background concepts: water/land (the spurious pair) or every background word.
+
+    Two choices per method on validation: the best effect (highest worst-group, mean not lower),
+    and the least collateral damage among candidates that reach the target (matched effect).
+    """
     concept_sets = (("water", "land"), tuple(FACTORS["background"]))
     base = analyzer.loaded.model
     base_val, base_test = bench.groups(base, "val"), bench.groups(base, "test")
@@ -118,19 +128,29 @@ def spurious(analyzer, bench: Bench, layers) -> dict:
             for label, mult, size in source:
                 yield f"{tag}, {label}", mult, size
 
+    factors_val = bench.factors(base, "val")
+
+    def report(label, mult, size):
+        model = _edited(analyzer, mult)
+        lo, avg = retention(bench.factors(model, "test"), factors_before, skip="background")
+        return {"choice": label, "vectors": size, **bench.groups(model, "test"), "retention_min": lo,
+                "retention_mean": avg, "by_shape": bench.groups(model, "test", "shape")}
+
     for name in ("sith", "heads"):
-        best = None
+        best = at_target = None
         for label, mult, size in grid(name):
-            val = bench.groups(_edited(analyzer, mult), "val")
-            key = (val["mean"] >= base_val["mean"] - 1e-9, val["worst"], val["mean"])
+            model = _edited(analyzer, mult)
+            val = bench.groups(model, "val")
+            not_lower = val["mean"] >= base_val["mean"] - 1e-9
+            key = (not_lower, val["worst"], val["mean"])
             if best is None or key > best[0]:
                 best = (key, label, mult, size)
-        _, label, mult, size = best
-        model = _edited(analyzer, mult)
-        test = bench.groups(model, "test")
-        lo, avg = retention(bench.factors(model, "test"), factors_before, skip="background")
-        out[name] = {"choice": label, "vectors": size, **test, "retention_min": lo, "retention_mean": avg,
-                     "by_shape": bench.groups(model, "test", "shape")}
+            if not_lower and val["worst"] >= base_val["worst"] + WORST_GROUP_GAIN:
+                kept = retention(bench.factors(model, "val"), factors_val, skip="background")[0]
+                if at_target is None or kept > at_target[0]:
+                    at_target = (kept, label, mult, size)
+        out[name] = report(*best[1:])
+        out[f"{name}_at_target"] = report(*at_target[1:]) if at_target else None
     return out
 
 
@@ -171,7 +191,7 @@ def amplification(analyzer, bench: Bench, layers) -> dict:
     classes = list(FACTORS[factor]) if factor != "count" else ["one", "two", "three"]
     before = bench.factors(base, "test")
     out = {"factor": factor, "classes": classes, "base": before[factor]}
-    paper = _edited(analyzer, paper_amplification(analyzer, classes, layers))
+    paper = _edited(analyzer, paper_amplification(analyzer, classes, max(layers.values(), key=len)))
     after = bench.factors(paper, "test")
     out["paper_rule"] = {"accuracy": after[factor], "retention_min": retention(after, before, factor)[0]}
     best = None
@@ -194,21 +214,28 @@ def pct(x: float) -> str:
 
 def render(model_name: str, layers, results: dict, seconds: float) -> str:
     a, b, c, d = results["spurious"], results["removal"], results["amplification"], results["explanations"]
-    lines = [f"# Experiments on `{model_name}` (analysed/edited layers {layers})", "",
+    lines = [f"# Experiments on `{model_name}` (candidate layer sets {layers})", "",
              f"Generated by `experiments/run_experiments.py` in {seconds:.0f} s (CPU). Hyperparameters "
              "(vectors n / heads m) chosen on a validation split, numbers below on a disjoint test split.", "",
              "Base zero-shot accuracy (test): " + ", ".join(f"{f} {pct(v)}" for f, v in results["base_factors"].items()),
              "",
              "## (a) Spurious correlation: suppress background concepts (water+land, or all backgrounds)", "",
              "Shape group (round vs angular) zero-shot on the balanced water/land test set (prompt classifier). "
-             "Choice on validation: highest worst-group with mean not lower than the base.", "",
+             "Choice on validation: highest worst-group with mean not lower than the base; *at target*: the "
+             "least collateral damage (highest minimum kept share of the other factors) among the candidates "
+             "that raise worst-group by ≥ 15 points with the mean not lower (matched effect).", "",
              "| model | choice | worst-group | mean | other factors kept (min / mean) | worst / mean via 10-way shape |",
              "|---|---|---|---|---|---|",
              f"| base | – | {pct(a['base']['worst'])} | {pct(a['base']['mean'])} | – | "
              f"{pct(a['base_by_shape']['worst'])} / {pct(a['base_by_shape']['mean'])} |"]
-    for name in ("sith", "heads"):
-        r = a[name]
-        lines.append(f"| {'SITH per-vector' if name == 'sith' else 'head ablation'} | {r['choice']} | "
+    for name in ("sith", "heads", "sith_at_target", "heads_at_target"):
+        r = a.get(name)
+        title = ("SITH per-vector" if name.startswith("sith") else "head ablation") + (
+            ", at target" if name.endswith("at_target") else "")
+        if r is None:
+            lines.append(f"| {title} | target not reached on validation | – | – | – | – |")
+            continue
+        lines.append(f"| {title} | {r['choice']} | "
                      f"{pct(r['worst'])} | {pct(r['mean'])} | {pct(r['retention_min'])}% / {pct(r['retention_mean'])}% | "
                      f"{pct(r['by_shape']['worst'])} / {pct(r['by_shape']['mean'])} |")
     lines += ["", f"## (b) Concept removal: suppress \"{b['concept']}\" (chance {pct(b['chance'])}, "
@@ -253,8 +280,9 @@ def run_model(folder: str, layer_arg: str, sizes: tuple[int, int, int]) -> tuple
     torch.manual_seed(0)
     loaded = load_model(config=folder)
     n = loaded.info.layers
-    layers = (list(range(max(0, n - 4), n)) if layer_arg == "last4" else list(range(n)) if layer_arg == "all"
-              else sorted({int(x) % n for x in layer_arg.split(",")}))
+    named = {"last4": list(range(max(0, n - 4), n)), "all": list(range(n))}
+    layers = (named if layer_arg == "search" else {layer_arg: named[layer_arg]} if layer_arg in named
+              else {"layers": sorted({int(x) % n for x in layer_arg.split(",")})})
     analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
     bench = Bench(loaded, *sizes)
     results = {"model": loaded.name, "hash": loaded.hash, "layers": layers,
@@ -262,15 +290,17 @@ def run_model(folder: str, layer_arg: str, sizes: tuple[int, int, int]) -> tuple
     for name, run in (("spurious", spurious), ("removal", removal), ("amplification", amplification)):
         results[name] = run(analyzer, bench, layers)
         print(f"[{time.time() - started:.0f}s] {loaded.name} {name}: {json.dumps(results[name], default=str)}", flush=True)
-    results["explanations"] = explanation_quality(analyzer, layers)
-    return render(loaded.name, layers, results, time.time() - started), results
+    results["explanations"] = explanation_quality(analyzer, sorted({i for ls in layers.values() for i in ls}))
+    results["seconds"] = round(time.time() - started)
+    return render(loaded.name, layers, results, results["seconds"]), results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="hf-hub style folder (repeatable; default: every "
                         "folder in sith/testbed/checkpoints)")
-    parser.add_argument("--layers", default="last4", help="'last4', 'all', or comma-separated indices")
+    parser.add_argument("--layers", default="search", help="'search' (last four and all layers, chosen on "
+                        "validation like n and m), 'last4', 'all', or comma-separated indices")
     parser.add_argument("--n-val", type=int, default=500, help="images per validation split")
     parser.add_argument("--n-test-factor", type=int, default=2000, help="as sith.testbed.evaluate")
     parser.add_argument("--n-test-spurious", type=int, default=1000, help="as sith.testbed.evaluate")
@@ -282,15 +312,19 @@ def main(argv: list[str] | None = None) -> int:
         print("no testbed checkpoints found; train them first (sith/testbed/train.py) or pass --model", file=sys.stderr)
         return 1
     sizes = (80, 160, 160) if args.quick else (args.n_val, args.n_test_factor, args.n_test_spurious)
-    reports, raw = [], {}
+    out = Path(args.out)
+    raw_path = out.parent / "results.json"
+    # Models run earlier (e.g. one process per model) keep their section; a re-run replaces it.
+    raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else {}
+    raw = {name: r for name, r in raw.items() if "seconds" in r}  # only results this script version wrote
     for folder in folders:
         report, results = run_model(folder, args.layers, sizes)
         print(report, flush=True)
-        reports.append(report)
-        raw[results["model"]] = results
-    out = Path(args.out)
-    out.write_text("\n\n".join(reports), encoding="utf-8")
-    (out.parent / "results.json").write_text(json.dumps(raw, indent=2, default=str), encoding="utf-8")
+        raw[results["model"]] = json.loads(json.dumps(results, default=str))
+        raw_path.write_text(json.dumps(raw, indent=2), encoding="utf-8")  # after every model: nothing lost
+    order = sorted(raw, key=lambda name: (name != "testbed-main", name))
+    out.write_text("\n\n".join(render(name, raw[name]["layers"], raw[name], raw[name]["seconds"]) for name in order),
+                   encoding="utf-8")
     return 0
 
 
