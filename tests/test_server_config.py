@@ -69,6 +69,29 @@ def test_serve_embedded_default_disables_auth_on_localhost_only(monkeypatch):
     env, embedded = _environment("0.0.0.0:1", 2, ("a", "b"), 0)
     assert not embedded and "SITH_AUTH_DISABLED" not in env
     assert (env["SITH_GRPC_ADDRESS"], env["SITH_WORKERS"], env["SITH_MODELS"]) == ("0.0.0.0:1", "2", "a,b")
+    assert "SITH_VOCABULARY" not in env  # real models: the English vocabulary
+
+
+def test_vocabulary_setting(monkeypatch, tmp_path):
+    from sith_server.vocabulary import from_setting
+
+    monkeypatch.delenv("SITH_VOCABULARY", raising=False)
+    monkeypatch.delenv("SITH_MODELS", raising=False)
+    env, _ = _environment(None, None, (), None)
+    assert env["SITH_VOCABULARY"] == "testbed"  # the embedded testbed model knows only its world's words
+    assert ServerConfig.from_env({}).vocabulary == "default"
+    testbed = from_setting(ServerConfig.from_env({"SITH_VOCABULARY": "testbed"}).vocabulary)
+    assert testbed.check(["red", "circle", "water"], "concepts") == ["red", "circle", "water"]
+    assert "dictionary" in testbed.job_fields()  # jobs carry the list: workers explain over the same words
+    words = tmp_path / "words.txt"
+    words.write_text("dog\ncat\n\ndog\n")
+    assert from_setting(ServerConfig.from_env({"SITH_VOCABULARY": str(words)}).vocabulary).custom == ["dog", "cat"]
+    with pytest.raises(InvalidInput) as err:
+        ServerConfig.from_env({"SITH_VOCABULARY": str(tmp_path / "missing.txt")})
+    assert err.value.field == "SITH_VOCABULARY" and "no such file" in err.value.reason
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(InvalidInput):
+        from_setting(str(tmp_path / "empty.txt"))
 
 
 def test_committed_stubs_are_up_to_date():

@@ -28,6 +28,7 @@ from sith_server.servicers.embeddings import EmbeddingsServicer
 from sith_server.servicers.models import ModelsServicer
 from sith_server.servicers.operations import OperationsServicer
 from sith_server.vocabulary import Vocabulary
+from sith_server.vocabulary import from_setting as vocabulary_from_setting
 from sith_workers.connection import connect
 from sith_workers.editstore import EditStore as FinishedEdits
 from sith_workers.queue import JobQueue
@@ -90,7 +91,7 @@ def build(config: ServerConfig, *, redis_client: redis.Redis | None = None, runt
         runtime.preload(config.models)
     deps = Deps(config=config, redis=redis_client, runtime=runtime, queue=JobQueue(redis_client, prefix),
                 edits=EditStore(redis_client, prefix), finished_edits=FinishedEdits(redis_client, prefix),
-                vocabulary=vocabulary or Vocabulary(), metrics=metrics)
+                vocabulary=vocabulary or vocabulary_from_setting(config.vocabulary), metrics=metrics)
     tokens = None if config.auth_disabled else read_tokens(_required(config.auth_tokens_file))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sith-grpc"),

@@ -41,6 +41,20 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(raw).expanduser() if raw else None
 
 
+VOCABULARIES = ("default", "testbed")
+
+
+def _vocabulary(env: Mapping[str, str]) -> str:
+    raw = env.get("SITH_VOCABULARY", "").strip() or "default"
+    if raw in VOCABULARIES:
+        return raw
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise InvalidInput("SITH_VOCABULARY", f"expected {' or '.join(VOCABULARIES)} or a word-list file "
+                           f"(one concept per line), got {raw!r}: no such file")
+    return str(path)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     grpc_address: str = "0.0.0.0:50051"
@@ -55,6 +69,7 @@ class ServerConfig:
     models: tuple[str, ...] = ()             # empty = the embedded testbed model
     cache_ttl_s: int = 604800
     data_dir: Path = field(default_factory=lambda: Path("~/.cache/sith").expanduser())
+    vocabulary: str = "default"              # "default" (English words), "testbed", or a word-list file
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
@@ -78,6 +93,7 @@ class ServerConfig:
             models=models,
             cache_ttl_s=_int(env, "SITH_CACHE_TTL_S", 604800, minimum=1),
             data_dir=_path(env, "SITH_DATA_DIR") or Path("~/.cache/sith").expanduser(),
+            vocabulary=_vocabulary(env),
         )
 
     def check(self) -> None:

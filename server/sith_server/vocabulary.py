@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sith.engine.errors import InvalidInput
 
@@ -52,6 +53,24 @@ class Vocabulary:
                 raise InvalidInput(f"{field}[{i}]", f"{name!r} is not in the concept dictionary", suggestions=close)
             out.append(name)
         return out
+
+
+def from_setting(setting: str) -> Vocabulary:
+    """``SITH_VOCABULARY``: the built-in English words, the testbed world's words, or a word-list file.
+
+    Anything but "default" is a custom list that jobs carry, so workers explain over exactly it.
+    """
+    if setting == "default":
+        return Vocabulary()
+    if setting == "testbed":
+        from sith.adaptation.vocabulary import testbed_vocabulary
+
+        return Vocabulary(testbed_vocabulary())
+    lines = Path(setting).read_text(encoding="utf-8").splitlines()
+    words = list(dict.fromkeys(w.strip() for w in lines if w.strip()))
+    if not words:
+        raise InvalidInput("SITH_VOCABULARY", f"{setting} holds no concepts (one per line)")
+    return Vocabulary(words)
 
 
 def _default() -> list[str]:

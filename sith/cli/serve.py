@@ -29,6 +29,9 @@ def _environment(address: str | None, workers: int | None, models: tuple[str, ..
         if value is not None:
             env[name] = str(value)
     embedded = not env.get("SITH_REDIS_URL") and not env.get("SITH_AUTH_TOKENS_FILE")
+    if not env.get("SITH_MODELS"):
+        # The embedded testbed model only knows its world's words: explain over those.
+        env.setdefault("SITH_VOCABULARY", "testbed")
     if embedded:
         env.setdefault("SITH_AUTH_DISABLED", "1")
         if not env.get("SITH_GRPC_ADDRESS"):
