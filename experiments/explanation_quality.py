@@ -24,17 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sith.engine.sparse import fidelity, reconstruct
-from sith.testbed.factors import (
-    BACKGROUNDS,
-    COLOURS,
-    COUNT_WORDS,
-    PLURALS,
-    POSITIONS,
-    SHAPE_GROUPS,
-    SHAPES,
-    SIZES,
-    TEXTURES,
-)
+from sith.testbed.vocabulary import testbed_categories
 
 THEME_SHARE = 0.6
 METHODS = ("comp", "nnomp", "topk")
@@ -42,15 +32,7 @@ METHODS = ("comp", "nnomp", "topk")
 
 def factor_words() -> dict[str, str]:
     """Concept string -> factor name."""
-    table = {}
-    for shape in SHAPES:
-        table[shape] = table[PLURALS[shape]] = "shape"
-    for name, words in (("colour", COLOURS), ("background", BACKGROUNDS), ("texture", TEXTURES),
-                        ("size", SIZES), ("position", POSITIONS), ("count", COUNT_WORDS.values()),
-                        ("group", SHAPE_GROUPS)):
-        for word in words:
-            table[word] = name
-    return table
+    return {word: factor for factor, words in testbed_categories().items() for word in words}
 
 
 def _vector_purity(concepts: list[tuple[str, float]], table: dict[str, str]) -> float:

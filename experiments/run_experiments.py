@@ -23,27 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edit_methods import head_ablation, paper_amplification, sith_plan  # noqa: E402
 from explanation_quality import METHODS  # noqa: E402
 from explanation_quality import evaluate as explanation_quality  # noqa: E402
-from explanation_quality import factor_words  # noqa: E402
 from tasks import FACTOR_NAMES, ZeroShot, image_features, natural_set, spurious_set  # noqa: E402
 
 from sith.edits.apply import apply_multipliers  # noqa: E402
 from sith.engine.analysis import Analyzer  # noqa: E402
-from sith.engine.dictionary import build_dictionary, default_vocabulary  # noqa: E402
+from sith.engine.dictionary import build_dictionary  # noqa: E402
 from sith.engine.errors import InvalidInput  # noqa: E402
 from sith.engine.models import TESTBED_DIR, load_model  # noqa: E402
 from sith.testbed.factors import FACTORS  # noqa: E402
+from sith.testbed.vocabulary import testbed_vocabulary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 N_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
 M_GRID = (1, 2, 3, 4, 6, 8)
-DISTRACTORS = 200  # unseen words: near-random atoms for the testbed text tower (see RESULTS.md)
-
-
-def testbed_vocabulary() -> list[str]:
-    """Every factor word of the world plus common English words as distractors."""
-    world = list(factor_words())
-    extra = [w for w in default_vocabulary()[: DISTRACTORS + 200] if w not in set(world)][:DISTRACTORS]
-    return world + extra
 
 
 class Bench:

@@ -14,6 +14,7 @@ from sith.cli import main
 from sith.engine.analysis import Analyzer
 from sith.engine.decomposition import decompose
 from sith.engine.dictionary import build_dictionary
+from sith.testbed import vocabulary as testbed_words
 from sith.engine.models import load_model
 
 TINY_CFG = {
@@ -138,9 +139,12 @@ def test_missing_dictionary_file(model_dir, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_explain_default_model_and_vocabulary() -> None:
-    """The README's main job: `sith explain` with no arguments (encodes the default vocabulary once)."""
+    """`sith explain` with no arguments: the shipped testbed model, explained over its world's words;
+    `--dictionary default` switches to the built-in English vocabulary (encoded once, then cached)."""
     code, stdout, _ = run("explain", "--json")
     assert code == 0
     payload = json.loads(stdout)
-    assert payload["dictionary_size"] >= 20_000
     assert payload["model"] == "testbed-main" and payload["heads"]
+    assert payload["dictionary_size"] == len(testbed_words.testbed_vocabulary())
+    code, stdout, _ = run("explain", "--json", "--dictionary", "default", "-l", "-1")
+    assert code == 0 and json.loads(stdout)["dictionary_size"] >= 20_000

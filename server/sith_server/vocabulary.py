@@ -63,7 +63,7 @@ def from_setting(setting: str) -> Vocabulary:
     if setting == "default":
         return Vocabulary()
     if setting == "testbed":
-        from sith.adaptation.vocabulary import testbed_vocabulary
+        from sith.testbed.vocabulary import testbed_vocabulary
 
         return Vocabulary(testbed_vocabulary())
     lines = Path(setting).read_text(encoding="utf-8").splitlines()

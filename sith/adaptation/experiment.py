@@ -23,7 +23,7 @@ from sith.adaptation.delta import base_norms, concept_alignment, concept_share, 
 from sith.adaptation.finetune import COOL, NEW_WORDS, SUBTASKS, WARM, FinetuneConfig, finetune_folder
 from sith.adaptation.reports import delta_report, match_report
 from sith.adaptation.universality import category_shares
-from sith.adaptation.vocabulary import testbed_categories, testbed_vocabulary
+from sith.testbed.vocabulary import testbed_categories, testbed_vocabulary
 from sith.engine.analysis import Analyzer
 from sith.engine.decomposition import decompose
 from sith.engine.dictionary import build_dictionary

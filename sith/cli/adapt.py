@@ -42,7 +42,7 @@ def load_ref(ref: str, device: str = "cpu"):
 
 def concepts_for(vocabulary: str) -> list[str] | None:
     """'testbed' (world words + distractors), 'default' (the 20k-word list) or a file."""
-    from sith.adaptation.vocabulary import testbed_vocabulary
+    from sith.testbed.vocabulary import testbed_vocabulary
     from sith.engine.dictionary import read_vocabulary
 
     if vocabulary == "testbed":
@@ -53,7 +53,7 @@ def concepts_for(vocabulary: str) -> list[str] | None:
 
 
 def categories_for(name: str | None) -> dict[str, list[str]] | None:
-    from sith.adaptation.vocabulary import testbed_categories
+    from sith.testbed.vocabulary import testbed_categories
 
     if name in (None, "none"):
         return None

@@ -54,7 +54,8 @@ def analysis_options(command: Callable) -> Callable:
     """Dictionary, image mean, cache, method and layer flags shared by explain and find."""
     options = [
         click.option("--dictionary", type=click.Path(dir_okay=False),
-                     help="Text file, one concept per line (default: the built-in >=20k-word vocabulary)."),
+                     help="Text file, one concept per line, or 'default' (the built-in >=20k-word "
+                          "vocabulary) or 'testbed' (default for the shipped testbed models)."),
         click.option("--image-mean", default="directions", show_default=True,
                      help="'directions' (data-free), 'none', a tensor file (.pt/.npy/.safetensors) or an image folder."),
         click.option("--layer", "-l", "layers", type=int, multiple=True,
@@ -83,10 +84,23 @@ def rich_progress() -> Progress:
                     console=err, transient=True)
 
 
+def concept_list(loaded: LoadedModel, dictionary: str | None) -> list[str] | None:
+    """``--dictionary``: a word-list file, "default" or "testbed"; unset = the testbed's own words for
+    the shipped testbed models (their text tower never saw the English vocabulary), else the default.
+    None means the built-in default vocabulary."""
+    if dictionary == "default":
+        return None
+    if dictionary == "testbed" or (dictionary is None and loaded.name.startswith("testbed-")):
+        from sith.testbed.vocabulary import testbed_vocabulary
+
+        return testbed_vocabulary()
+    return read_vocabulary(dictionary) if dictionary else None
+
+
 def make_analyzer(loaded: LoadedModel, dictionary: str | None, image_mean: str, device: str, no_cache: bool,
                   progress: Progress) -> Analyzer:
     """Dictionary, cache and image mean, with spinners; ``progress`` (not yet started) gets the COMP bars."""
-    concepts = read_vocabulary(dictionary) if dictionary else None
+    concepts = concept_list(loaded, dictionary)
 
     def bar(description: str, total: int) -> Callable[[int], None]:
         task = progress.add_task(description, total=total)

@@ -20,7 +20,7 @@ from sith.engine.errors import InvalidInput
 
 def _concepts(payload: dict) -> list[str] | None:
     """The payload's concept list: explicit ``dictionary``, or ``vocabulary`` "testbed"/"default"."""
-    from sith.adaptation.vocabulary import testbed_vocabulary
+    from sith.testbed.vocabulary import testbed_vocabulary
 
     if payload.get("dictionary") is not None:
         return payload["dictionary"]  # validated by ctx.analyzer
@@ -33,7 +33,7 @@ def _concepts(payload: dict) -> list[str] | None:
 
 
 def _categories(payload: dict) -> dict[str, list[str]] | None:
-    from sith.adaptation.vocabulary import testbed_categories
+    from sith.testbed.vocabulary import testbed_categories
 
     value = payload.get("categories")
     if value in (None, "", "none"):
