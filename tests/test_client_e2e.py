@@ -205,7 +205,9 @@ def test_wait_timeout_then_cancel(idle_srv: object) -> None:
 
 def test_edit_whose_planning_was_cancelled_fails_loudly(idle_srv: object) -> None:
     with sith_client.Client(idle_srv.address) as c:
-        edit = c.edit(suppress=["red"])
+        edit = c.edit(suppress=["red"], request_id="cancel-me")
+        assert c.edit(suppress=["red"], request_id="cancel-me").name == edit.name  # a repeat is the same edit
+        assert c.edit(suppress=["red"]).name != edit.name
         c.job(edit.operation).cancel()
         with pytest.raises(sith_client.JobFailed) as info:
             edit.wait(timeout=10)

@@ -247,3 +247,35 @@ def test_idle_worker_counted_before_its_first_job():
             time.sleep(0.1)
         stats = redis_stats(client, prefix)
     assert (stats["workers_idle"], stats["workers_busy"], stats["queued"]) == (1, 0, 0)
+
+
+def test_create_edit_is_idempotent_per_request_id(srv):
+    edits = pb_grpc.EditsStub(srv.channel)
+    spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["tree"], action=pb.EditOperation.SUPPRESS)])
+    key = f"retry-{time.monotonic_ns()}"
+    # Duplicates racing the first create (a client retrying after a lost response) all get one edit.
+    names: list[str] = []
+    threads = [threading.Thread(target=lambda: names.append(
+        edits.CreateEdit(pb.CreateEditRequest(spec=spec, request_id=key), timeout=10).name)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(names) == 4 and len(set(names)) == 1
+    assert edits.CreateEdit(pb.CreateEditRequest(spec=spec, request_id=key), timeout=5).name == names[0]
+    # No key: every call is a new edit.
+    fresh = {edits.CreateEdit(pb.CreateEditRequest(spec=spec), timeout=5).name for _ in range(2)}
+    assert len(fresh) == 2 and names[0] not in fresh
+    other = pb.EditSpec(operations=[pb.EditOperation(concepts=["tree"], action=pb.EditOperation.AMPLIFY)])
+    for request, field in ((pb.CreateEditRequest(spec=other, request_id=key), "request_id"),
+                           (pb.CreateEditRequest(spec=spec, request_id="bad key!"), "request_id")):
+        with pytest.raises(grpc.RpcError) as err:
+            edits.CreateEdit(request, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    # A create rejected by validation does not consume the key: the corrected retry goes through.
+    bad = pb.EditSpec(operations=[pb.EditOperation(concepts=["treee"], action=pb.EditOperation.SUPPRESS)])
+    with pytest.raises(grpc.RpcError):
+        edits.CreateEdit(pb.CreateEditRequest(spec=bad, request_id=key + "-2"), timeout=5)
+    assert edits.CreateEdit(pb.CreateEditRequest(spec=spec, request_id=key + "-2"), timeout=5).name
+    for name in {*names, *fresh}:
+        edits.DeleteEdit(pb.DeleteEditRequest(name=name), timeout=5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ def _concept_list(c: Concepts) -> list[str]:
     if c is None:
         return []
     return [c] if isinstance(c, str) else list(c)
+
+
+def request_id(given: str | None) -> str:
+    """An idempotency key for a create: the caller's, or a fresh random one."""
+    return given if given is not None else uuid.uuid4().hex
 
 
 def edit_spec(

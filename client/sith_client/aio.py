@@ -142,11 +142,12 @@ class AsyncClient:
     async def edit(self, model: str | None = None, *, suppress: rq.Concepts = None, amplify: rq.Concepts = None,
                    flip: rq.Concepts = None, scale: rq.Concepts = None, strength: float | None = None,
                    layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-                   operations: Sequence[EditOp] | None = None) -> AsyncEdit:
-        """Create an edit (sent once, never retried); ``await edit.wait()`` until it is ready."""
+                   operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> AsyncEdit:
+        """Create an edit (retried safely: see ``Client.edit``); ``await edit.wait()`` until it is ready."""
         spec = rq.edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
                             layers=layers, top_n=top_n, threshold=threshold, operations=operations)
-        return AsyncEdit(self, await self._call(self._edits.CreateEdit, pb.CreateEditRequest(spec=spec), idempotent=False))
+        request = pb.CreateEditRequest(spec=spec, request_id=rq.request_id(request_id))
+        return AsyncEdit(self, await self._call(self._edits.CreateEdit, request))
 
     async def get_edit(self, name: str) -> AsyncEdit:
         return AsyncEdit(self, await self._get_edit_proto(name))

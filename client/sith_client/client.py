@@ -174,14 +174,17 @@ class Client:
     def edit(self, model: str | None = None, *, suppress: rq.Concepts = None, amplify: rq.Concepts = None,
              flip: rq.Concepts = None, scale: rq.Concepts = None, strength: float | None = None,
              layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-             operations: Sequence[EditOp] | None = None) -> Edit:
+             operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> Edit:
         """Create (plan and store) an edit; returns at once with ``state == "pending"``.
 
-        Not retried on UNAVAILABLE: the create may have reached the server before the failure.
+        Retried like any read: every call carries an idempotency key (``request_id``, a fresh one by
+        default), so a retry after a lost response returns the edit the first attempt created.
+        Pass your own key to make a create safe to repeat across processes.
         """
         spec = rq.edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
                             layers=layers, top_n=top_n, threshold=threshold, operations=operations)
-        return Edit(self, self._call(self._edits.CreateEdit, pb.CreateEditRequest(spec=spec), idempotent=False))
+        request = pb.CreateEditRequest(spec=spec, request_id=rq.request_id(request_id))
+        return Edit(self, self._call(self._edits.CreateEdit, request))
 
     def get_edit(self, name: str) -> Edit:
         return Edit(self, self._get_edit_proto(name))

@@ -34,6 +34,9 @@ class EditRecord:
     created: float
 
 
+REQUEST_ID_TTL_S = 24 * 3600
+
+
 class EditStore:
     def __init__(self, redis_client: redis.Redis, prefix: str = "sith") -> None:
         self.redis = redis_client
@@ -58,6 +61,23 @@ class EditStore:
             pipe.hset(self._key(record.tenant, record.id), mapping=fields)
             pipe.zadd(self._index(record.tenant), {record.id: record.created})
             pipe.execute()
+
+    def _request_key(self, tenant: str, request_id: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:editreq-id:{request_id}"
+
+    def claim_request(self, tenant: str, request_id: str, edit_id: str) -> str:
+        """Bind an idempotency key to ``edit_id`` unless it is already bound; return the bound edit id."""
+        key = self._request_key(tenant, request_id)
+        with outage_as_unavailable(self.redis):
+            if self.redis.set(key, edit_id, nx=True, ex=REQUEST_ID_TTL_S):
+                return edit_id
+            bound = self.redis.get(key)
+        return bound.decode() if bound is not None else self.claim_request(tenant, request_id, edit_id)
+
+    def release_request(self, tenant: str, request_id: str) -> None:
+        """Forget a key whose create failed, so a retry can succeed."""
+        with outage_as_unavailable(self.redis):
+            self.redis.delete(self._request_key(tenant, request_id))
 
     def get(self, edit_id: str, tenant: str) -> EditRecord:
         with outage_as_unavailable(self.redis):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from sith.engine.errors import InvalidInput
@@ -47,6 +48,16 @@ def count(items: Sequence, field: str, low: int, high: int) -> None:
 def text(value: str, field: str, max_len: int = 1000) -> str:
     if len(value) > max_len:
         raise InvalidInput(field, f"longer than {max_len} characters")
+    return value
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def request_id(value: str, field: str = "request_id") -> str:
+    """An optional idempotency key: empty, or 1-128 characters of [A-Za-z0-9._-]."""
+    if value and not REQUEST_ID.fullmatch(value):
+        raise InvalidInput(field, "must be 1-128 characters of A-Z a-z 0-9 . _ -")
     return value
 
 

@@ -262,10 +262,12 @@ class PreviewEditRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[EditSpec, _Mapping]] = ...) -> None: ...
 
 class CreateEditRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "request_id")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     spec: EditSpec
-    def __init__(self, spec: _Optional[_Union[EditSpec, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, spec: _Optional[_Union[EditSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetEditRequest(_message.Message):
     __slots__ = ("name",)

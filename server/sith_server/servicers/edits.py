@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from google.rpc import code_pb2, status_pb2
 
 from sith.edits.spec import EditSpec
@@ -12,11 +14,12 @@ from sith_server import convert, edited, validate
 from sith_server.auth import current_tenant
 from sith_server.deps import Deps
 from sith_server.edit_store import EditRecord, now
-from sith_server.errors import FailedPrecondition
+from sith_server.errors import FailedPrecondition, NotFound, Unavailable
 from sith_server.runtime import ServedModel
 from sith_server.servicers.analysis import worker_ref
 
 MAX_OPERATIONS = 32
+REPLAY_WAIT_STEPS, REPLAY_WAIT_S = 20, 0.1  # a duplicate may arrive while the first create is running
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
 
@@ -104,12 +107,36 @@ class EditsServicer(pb_grpc.EditsServicer):
 
     def CreateEdit(self, request, context):
         served, data = checked_spec(self.deps, request.spec)
-        edit_id = self.deps.edits.new_id()
-        job = self._plan(data, convert.EDIT_PREFIX + edit_id, edit_id=edit_id)
-        record = EditRecord(id=edit_id, tenant=current_tenant(), spec=data, model=request.spec.model,
-                            model_hash=served.loaded.hash, job_id=job.id, created=now())
-        self.deps.edits.put(record)
+        tenant, edit_id = current_tenant(), self.deps.edits.new_id()
+        request_id = validate.request_id(request.request_id, "request_id")
+        if request_id:
+            bound = self.deps.edits.claim_request(tenant, request_id, edit_id)
+            if bound != edit_id:
+                return self._edit(self._replayed(bound, tenant, data, request_id))
+        try:
+            job = self._plan(data, convert.EDIT_PREFIX + edit_id, edit_id=edit_id)
+            record = EditRecord(id=edit_id, tenant=tenant, spec=data, model=request.spec.model,
+                                model_hash=served.loaded.hash, job_id=job.id, created=now())
+            self.deps.edits.put(record)
+        except BaseException:
+            if request_id:
+                self.deps.edits.release_request(tenant, request_id)
+            raise
         return self._edit(record)
+
+    def _replayed(self, edit_id: str, tenant: str, spec: dict, request_id: str) -> EditRecord:
+        """The edit a first call with this request_id created (waiting briefly if it is mid-create)."""
+        for _ in range(REPLAY_WAIT_STEPS):
+            try:
+                record = self.deps.edits.get(edit_id, tenant)
+            except NotFound:
+                time.sleep(REPLAY_WAIT_S)
+                continue
+            if record.spec != spec:
+                raise InvalidInput("request_id", f"{request_id!r} was already used for a different edit spec "
+                                   f"(edits/{edit_id}); use a new request_id for a new edit")
+            return record
+        raise Unavailable(f"the create with request_id {request_id!r} is still in progress; retry")
 
     def GetEdit(self, request, context):
         edit_id = convert.resource_id(request.name, convert.EDIT_PREFIX, "name")
