@@ -14,7 +14,7 @@ import click
 import torch
 from rich.table import Table
 
-from sith.cli.analysis import emit_json, err, out
+from sith.cli.analysis import concepts_for, emit_json, err, out
 from sith.engine.errors import InvalidInput
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
 
@@ -38,18 +38,6 @@ def load_ref(ref: str, device: str = "cpu"):
         name, pretrained = ref.split("/", 1)
         return load_model(name, pretrained, device=device)
     return load_model(ref, device=device)
-
-
-def concepts_for(vocabulary: str) -> list[str] | None:
-    """'testbed' (world words + distractors), 'default' (the 20k-word list) or a file."""
-    from sith.testbed.vocabulary import testbed_vocabulary
-    from sith.engine.dictionary import read_vocabulary
-
-    if vocabulary == "testbed":
-        return testbed_vocabulary()
-    if vocabulary == "default":
-        return None
-    return read_vocabulary(vocabulary)
 
 
 def categories_for(name: str | None) -> dict[str, list[str]] | None:

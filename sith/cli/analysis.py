@@ -84,17 +84,23 @@ def rich_progress() -> Progress:
                     console=err, transient=True)
 
 
-def concept_list(loaded: LoadedModel, dictionary: str | None) -> list[str] | None:
-    """``--dictionary``: a word-list file, "default" or "testbed"; unset = the testbed's own words for
-    the shipped testbed models (their text tower never saw the English vocabulary), else the default.
-    None means the built-in default vocabulary."""
-    if dictionary == "default":
-        return None
-    if dictionary == "testbed" or (dictionary is None and loaded.name.startswith("testbed-")):
-        from sith.testbed.vocabulary import testbed_vocabulary
+def concepts_for(vocabulary: str) -> list[str] | None:
+    """'testbed' (world words + distractors), 'default' (None: the built-in 20k-word list) or a file."""
+    from sith.testbed.vocabulary import testbed_vocabulary
 
+    if vocabulary == "testbed":
         return testbed_vocabulary()
-    return read_vocabulary(dictionary) if dictionary else None
+    if vocabulary == "default":
+        return None
+    return read_vocabulary(vocabulary)
+
+
+def concept_list(loaded: LoadedModel, dictionary: str | None) -> list[str] | None:
+    """``--dictionary`` as ``concepts_for``; unset = the testbed's own words for the shipped testbed
+    models (their text tower never saw the English vocabulary), else the default."""
+    if dictionary is None:
+        dictionary = "testbed" if loaded.name.startswith("testbed-") else "default"
+    return concepts_for(dictionary)
 
 
 def make_analyzer(loaded: LoadedModel, dictionary: str | None, image_mean: str, device: str, no_cache: bool,
