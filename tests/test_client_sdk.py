@@ -233,6 +233,27 @@ def test_download_into_directory_uses_server_filename(tmp_path: Path) -> None:
     assert path == tmp_path / "edit-1.safetensors" and path.read_bytes() == payload
 
 
+def test_download_resumes_the_same_checkpoint_only(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 3
+    digest = hashlib.sha256(payload).hexdigest()
+    target = tmp_path / "out.safetensors"
+    with AtomicDownload(target) as d:
+        d.begin(filename="e.safetensors", total_bytes=len(payload), sha256=digest)
+        d.write(payload[:300], 0)  # the stream drops here; the retry asks for offset d.written
+        assert d.written == 300
+        d.begin(filename="e.safetensors", total_bytes=len(payload), sha256=digest)  # resumed stream
+        for data, offset in _chunks(payload[300:]):
+            d.write(data, 300 + offset)
+        assert d.commit() == target
+    assert target.read_bytes() == payload
+    with pytest.raises(sith_client.ChecksumMismatch):
+        with AtomicDownload(tmp_path / "other.safetensors") as d:
+            d.begin(filename="e.safetensors", total_bytes=len(payload), sha256=digest)
+            d.write(payload[:10], 0)
+            d.begin(filename="e.safetensors", total_bytes=len(payload), sha256="0" * 64)
+    assert not (tmp_path / "other.safetensors").exists()
+
+
 @pytest.mark.parametrize("problem", ["sha", "short", "order"])
 def test_bad_download_leaves_old_file_and_no_temp(tmp_path: Path, problem: str) -> None:
     payload = b"0123456789" * 10

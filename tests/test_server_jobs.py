@@ -149,6 +149,15 @@ def test_edit_lifecycle_embed_and_download(srv):
     blob = b"".join(c.data for c in chunks)
     assert [c.offset for c in chunks] == [sum(len(x.data) for x in chunks[:i]) for i in range(len(chunks))]
     assert chunks[0].total_bytes == len(blob) and chunks[0].sha256 == hashlib.sha256(blob).hexdigest()
+    half = len(blob) // 2 + 3  # resume mid-chunk: the rest, announced as the same checkpoint
+    rest = list(edits.DownloadEdit(pb.DownloadEditRequest(name=edit.name, offset=half), timeout=120))
+    assert (rest[0].offset, rest[0].total_bytes, rest[0].sha256) == (half, len(blob), chunks[0].sha256)
+    assert blob[:half] + b"".join(c.data for c in rest) == blob
+    done = list(edits.DownloadEdit(pb.DownloadEditRequest(name=edit.name, offset=len(blob)), timeout=30))
+    assert len(done) == 1 and done[0].data == b"" and done[0].sha256 == chunks[0].sha256
+    with pytest.raises(grpc.RpcError) as err:
+        list(edits.DownloadEdit(pb.DownloadEditRequest(name=edit.name, offset=len(blob) + 1), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "offset" in err.value.details()
     path = srv.server.deps.config.data_dir / "downloaded.safetensors"
     path.write_bytes(blob)
     state = load_file(str(path))

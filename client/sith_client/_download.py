@@ -3,7 +3,9 @@
 Chunks go to a hidden temp file next to the destination while a sha256 runs over them; only if the
 size and digest match what the first chunk announced is the file fsynced and renamed into place.
 A crash, a dropped stream or a corrupt byte therefore never leaves a half-written checkpoint
-where open_clip would happily try to load it.
+where open_clip would happily try to load it. Within one download, a dropped stream resumes: the
+next attempt asks for the bytes from ``written`` on, and ``begin`` checks that the server still
+announces the same checkpoint.
 """
 
 from __future__ import annotations
@@ -45,9 +47,15 @@ class AtomicDownload:
         self._discard()
 
     def begin(self, *, filename: str, total_bytes: int, sha256: str) -> Path:
-        """Open the temp file once the first chunk names the file, its size and digest."""
+        """Open the temp file once the first chunk names the file, its size and digest.
+
+        Called again by a resumed stream: then the announced size and digest must not have changed.
+        """
         if self._fh is not None:
-            raise RuntimeError("download already started")
+            if (int(total_bytes) or None, sha256.lower() or None) != (self.expected_size, self.expected_sha256):
+                raise ChecksumMismatch("the server announced another checkpoint while resuming; download again")
+            assert self.path is not None
+            return self.path
         target = self.requested
         if target.is_dir() or str(self.requested).endswith(os.sep):
             target = target / (Path(filename).name or "checkpoint.safetensors")

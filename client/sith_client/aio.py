@@ -167,19 +167,19 @@ class AsyncClient:
 
     async def download(self, edit: AsyncEdit | str, path: str | os.PathLike[str], *, overwrite: bool = True,
                        timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-        """Stream the edited checkpoint to ``path`` (sha256-verified, atomic rename)."""
-        req = pb.DownloadEditRequest(name=rq.resource_name(edit))
+        """Stream the edited checkpoint to ``path`` (sha256-verified, atomic rename, resumed on retry)."""
+        name = rq.resource_name(edit)
         md = self.connection.metadata
-
-        async def once() -> Path:
-            with AtomicDownload(path, overwrite=overwrite) as d:
+        with AtomicDownload(path, overwrite=overwrite) as d:
+            async def once() -> Path:
+                req = pb.DownloadEditRequest(name=name, offset=d.written)
                 async for chunk in self._edits.DownloadEdit(req, timeout=timeout, metadata=md):
-                    if d.path is None:
+                    if chunk.sha256:
                         d.begin(filename=chunk.filename, total_bytes=chunk.total_bytes, sha256=chunk.sha256)
                     d.write(chunk.data, chunk.offset)
                 return d.commit()
 
-        return await acall_with_retry(once, self.retry)
+            return await acall_with_retry(once, self.retry)
 
     async def _get_edit_proto(self, name: str) -> pb.Edit:
         return await self._call(self._edits.GetEdit, pb.GetEditRequest(name=name))

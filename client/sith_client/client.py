@@ -208,20 +208,20 @@ class Client:
         """Stream the edited checkpoint (safetensors, open_clip layout) to ``path``.
 
         The sha256 announced by the server is checked before the file is atomically renamed into
-        place; ``path`` may be a directory. A dropped stream is retried from the start.
+        place; ``path`` may be a directory. A dropped stream is retried from the last byte received.
         """
-        req = pb.DownloadEditRequest(name=rq.resource_name(edit))
+        name = rq.resource_name(edit)
         md = self.connection.metadata
-
-        def once() -> Path:
-            with AtomicDownload(path, overwrite=overwrite) as d:
+        with AtomicDownload(path, overwrite=overwrite) as d:
+            def once() -> Path:
+                req = pb.DownloadEditRequest(name=name, offset=d.written)
                 for chunk in self._edits.DownloadEdit(req, timeout=timeout, metadata=md):
-                    if d.path is None:
+                    if chunk.sha256:
                         d.begin(filename=chunk.filename, total_bytes=chunk.total_bytes, sha256=chunk.sha256)
                     d.write(chunk.data, chunk.offset)
                 return d.commit()
 
-        return call_with_retry(once, self.retry)
+            return call_with_retry(once, self.retry)
 
     def _get_edit_proto(self, name: str) -> pb.Edit:
         return self._call(self._edits.GetEdit, pb.GetEditRequest(name=name))

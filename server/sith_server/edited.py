@@ -68,9 +68,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def chunks(path: Path) -> Iterator[tuple[int, bytes]]:
+def chunks(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(offset, block) pairs of at most CHUNK_BYTES from byte ``start`` on."""
     with path.open("rb") as f:
-        offset = 0
+        f.seek(start)
+        offset = start
         for block in iter(lambda: f.read(CHUNK_BYTES), b""):
             yield offset, block
             offset += len(block)

@@ -302,10 +302,12 @@ class DeleteEditResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DownloadEditRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("data", "offset", "total_bytes", "sha256", "filename")

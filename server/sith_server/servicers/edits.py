@@ -171,11 +171,17 @@ class EditsServicer(pb_grpc.EditsServicer):
         record, finished, model = self.edited_model(request.name)
         path, digest = edited.checkpoint(self._checkpoint_path(record), model, finished.manifest)
         total = path.stat().st_size
-        for offset, data in edited.chunks(path):
+        validate.in_range(request.offset, "offset", 0, total)
+        first = pb.CheckpointChunk(offset=request.offset, total_bytes=total, sha256=digest,
+                                   filename=f"{record.id}.safetensors")
+        if request.offset == total:  # resuming a download that already has every byte
+            yield first
+            return
+        for offset, data in edited.chunks(path, request.offset):
             if not context.is_active():
                 return
-            if offset == 0:
-                yield pb.CheckpointChunk(data=data, offset=0, total_bytes=total, sha256=digest,
-                                         filename=f"{record.id}.safetensors")
+            if offset == request.offset:
+                first.data = data
+                yield first
             else:
                 yield pb.CheckpointChunk(data=data, offset=offset)
