@@ -152,3 +152,41 @@ def test_bad_configs_and_weights(tmp_path, tiny_model):
     with pytest.raises(InvalidInput, match="could not load weights") as err:
         load_model(config=cfg_path, checkpoint=tmp_path / "other.safetensors")
     assert err.value.field == "checkpoint"
+
+
+HUB_SCRIPT = """
+import sys
+from sith.engine.errors import InvalidInput
+from sith.engine.models import load_model
+loaded = load_model("hf-hub:sith-test/tiny")
+print(loaded.name, loaded.hash, loaded.info.layers)
+for bad in ("hf-hub:sith-test/not-cached", "hf-hub:no repo"):
+    try:
+        load_model(bad)
+    except InvalidInput as exc:
+        print(exc.field, "|", exc.reason.split(":")[0])
+"""
+
+
+def test_hf_hub_names_load_through_the_hub_cache(tiny_model, tmp_path):
+    """hf-hub:ORG/REPO goes through huggingface_hub: here its real offline cache, filled as the Hub
+    client lays it out (refs/main -> snapshots/<rev>/ with the open_clip folder files)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = write_folder(tmp_path / "src", tiny_model)
+    repo = tmp_path / "hub" / "models--sith-test--tiny"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    run = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    first, *errors = run.stdout.splitlines()
+    assert first.split() == ["hf-hub:sith-test/tiny", load_model(config=folder).hash, "2"]
+    assert errors == ["name | could not fetch hf-hub", "name | expected hf-hub"]

@@ -43,7 +43,8 @@ class ServedModel:
 
 
 def load_spec(spec: str | None, device: str = "cpu") -> LoadedModel:
-    """``None``/"" = embedded testbed; an existing path = folder or config JSON; else name[/pretrained]."""
+    """``None``/"" = embedded testbed; an existing path = folder or config JSON; ``hf-hub:ORG/REPO``;
+    else name[/pretrained]."""
     if not spec:
         return default_model(device)
     path = Path(spec).expanduser()
@@ -51,6 +52,8 @@ def load_spec(spec: str | None, device: str = "cpu") -> LoadedModel:
         if path.is_dir():
             return load_model(str(path), device=device)
         return load_model(config=path, device=device)
+    if spec.startswith("hf-hub:"):  # hf-hub:ORG/REPO: the slash is part of the repo, not a tag
+        return load_model(spec, device=device)
     name, _, pretrained = spec.partition("/")
     return load_model(name, pretrained or None, device=device)
 

@@ -13,9 +13,11 @@ file or name they came from.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ from sith.engine.errors import InvalidInput
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FOLDER_CONFIG = "open_clip_config.json"
 FOLDER_WEIGHTS = "open_clip_model.safetensors"
+HF_HUB_PREFIX = "hf-hub:"
+HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_WEIGHTS = (FOLDER_WEIGHTS, "open_clip_pytorch_model.bin")
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "testbed" / "checkpoints" / "testbed-main"
 
 
@@ -211,6 +216,25 @@ def _load_folder(folder: Path, checkpoint: str | Path | None, field: str, device
     return _finish(model, tokenizer, folder.name, data.get("preprocess_cfg", {}), device)
 
 
+def _load_hub(name: str, checkpoint: str | Path | None, device: str) -> LoadedModel:
+    """``hf-hub:ORG/REPO[@REVISION]``: fetch the repo's open_clip folder files, then load it as a folder.
+
+    huggingface_hub's own cache and settings apply (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, tokens),
+    so a machine without network loads repos already in its cache.
+    """
+    repo, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
+    if not HF_REPO.fullmatch(repo):
+        raise InvalidInput("name", f"expected hf-hub:ORG/REPO[@REVISION], got {name!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo, revision=revision or None, allow_patterns=[FOLDER_CONFIG, *HUB_WEIGHTS])
+    except Exception as exc:  # offline and not cached, unknown repo, no access
+        raise InvalidInput("name", f"could not fetch {name} from the Hugging Face Hub: {exc}") from exc
+    loaded = _load_folder(Path(folder), checkpoint, "name", device)
+    return dataclasses.replace(loaded, name=name)
+
+
 def _load_config_file(path: Path, checkpoint: str | Path | None, device: str) -> LoadedModel:
     if path.suffix.lower() != ".json":
         raise InvalidInput("config", f"expected a .json model config or a folder, got {path.name!r}")
@@ -269,6 +293,8 @@ def load_model(
       ``{"model_cfg": ...}``) plus an optional ``checkpoint``; or a folder in open_clip's hf-hub
       layout (``open_clip_config.json`` + ``open_clip_model.safetensors``). ``name`` may also be
       such a folder;
+    * ``name`` = ``hf-hub:ORG/REPO[@REVISION]``: that Hub repo's open_clip folder (through
+      huggingface_hub and its cache);
     * nothing: the embedded testbed model (``default_model``).
     """
     if checkpoint is not None:
@@ -284,6 +310,8 @@ def load_model(
         if checkpoint is not None:
             raise InvalidInput("name", "a checkpoint needs a model name or config describing its architecture")
         return default_model(device)
+    if name.startswith(HF_HUB_PREFIX):
+        return _load_hub(name, checkpoint, device)
     if Path(name).expanduser().is_dir():
         return _load_folder(Path(name).expanduser(), checkpoint, "name", device)
     if name.lower().endswith(".json") and Path(name).expanduser().is_file():
