@@ -190,3 +190,20 @@ def test_hf_hub_names_load_through_the_hub_cache(tiny_model, tmp_path):
     first, *errors = run.stdout.splitlines()
     assert first.split() == ["hf-hub:sith-test/tiny", load_model(config=folder).hash, "2"]
     assert errors == ["name | could not fetch hf-hub", "name | expected hf-hub"]
+
+
+def test_one_string_names_a_model_everywhere(tiny_model, tmp_path):
+    from sith.engine.models import TESTBED_DIR, load_reference
+
+    folder = write_folder(tmp_path / "tiny", tiny_model)
+    assert load_reference(str(folder)).hash == load_model(config=folder).hash  # folder: config + weights
+    assert load_reference(str(folder / "open_clip_config.json")).info.layers == 2  # config alone: architecture
+    if (TESTBED_DIR / "open_clip_model.safetensors").is_file():
+        assert load_reference("").name == load_reference("default").name == "testbed-main"
+        assert load_reference("testbed-small").info.layers == 5
+    with pytest.raises(InvalidInput) as err:
+        load_reference("ViT-B-32/not-a-tag")
+    assert err.value.field == "pretrained"
+    with pytest.raises(InvalidInput) as err:
+        load_reference("ViT-B-3")
+    assert err.value.field == "name" and "ViT-B-32" in err.value.suggestions

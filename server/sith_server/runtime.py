@@ -15,14 +15,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from sith.engine.errors import InvalidInput
-from sith.engine.models import LoadedModel, default_model, load_model
+from sith.engine.models import LoadedModel, load_reference
 from sith_server.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -43,19 +42,8 @@ class ServedModel:
 
 
 def load_spec(spec: str | None, device: str = "cpu") -> LoadedModel:
-    """``None``/"" = embedded testbed; an existing path = folder or config JSON; ``hf-hub:ORG/REPO``;
-    else name[/pretrained]."""
-    if not spec:
-        return default_model(device)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_dir():
-            return load_model(str(path), device=device)
-        return load_model(config=path, device=device)
-    if spec.startswith("hf-hub:"):  # hf-hub:ORG/REPO: the slash is part of the repo, not a tag
-        return load_model(spec, device=device)
-    name, _, pretrained = spec.partition("/")
-    return load_model(name, pretrained or None, device=device)
+    """A ``SITH_MODELS`` entry (``sith.engine.models.load_reference``)."""
+    return load_reference(spec, device)
 
 
 class ModelRuntime:

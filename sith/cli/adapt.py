@@ -1,7 +1,8 @@
 """`sith adapt`: fine-tuning deltas, basis stability, cross-model head matching, sub-task fine-tunes, plots.
 
-Model arguments accept a checkpoint folder (open_clip hf-hub layout), a config JSON, an open_clip
-name[/pretrained], or the shortcuts ``testbed-main`` / ``testbed-small`` / ``default``.
+Model arguments are model references (``sith.engine.models.load_reference``): a checkpoint folder,
+a config JSON, ``hf-hub:ORG/REPO``, an open_clip name[/pretrained], or ``testbed-main`` /
+``testbed-small`` / ``default``.
 """
 
 from __future__ import annotations
@@ -18,26 +19,11 @@ from sith.cli.analysis import concepts_for, emit_json, err, out
 from sith.engine.errors import InvalidInput
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
 
-TESTBED_NAMES = ("testbed-main", "testbed-small")
-
-
 def load_ref(ref: str, device: str = "cpu"):
     """Load a model reference (see module docstring)."""
-    from sith.engine.models import TESTBED_DIR, default_model, load_model
+    from sith.engine.models import load_reference
 
-    if ref in ("default", ""):
-        return default_model(device)
-    if ref in TESTBED_NAMES:
-        return load_model(str(TESTBED_DIR.parent / ref), device=device)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return load_model(str(path), device=device)
-    if path.suffix == ".json" and path.is_file():
-        return load_model(config=path, device=device)
-    if "/" in ref and not ref.startswith("hf-hub:"):
-        name, pretrained = ref.split("/", 1)
-        return load_model(name, pretrained, device=device)
-    return load_model(ref, device=device)
+    return load_reference(ref, device)
 
 
 def categories_for(name: str | None) -> dict[str, list[str]] | None:

@@ -319,6 +319,30 @@ def load_model(
     return _load_named(name, pretrained, checkpoint, device)
 
 
+def load_reference(ref: str | None, device: str = "cpu") -> LoadedModel:
+    """A model named by one string, the same everywhere (CLI arguments, ``SITH_MODELS``, job payloads).
+
+    "" or "default": the embedded testbed model; a shipped testbed name ("testbed-small"); a
+    folder or a config JSON path; ``hf-hub:ORG/REPO[@REVISION]``; an open_clip ``name`` or
+    ``name/pretrained`` (a tag or a weights file).
+    """
+    text = (ref or "").strip()
+    if text in ("", "default"):
+        return default_model(device)
+    shipped = TESTBED_DIR.parent / text
+    if "/" not in text and (shipped / FOLDER_CONFIG).is_file():
+        return load_model(str(shipped), device=device)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return load_model(str(path), device=device)
+    if path.is_file():
+        return load_model(config=path, device=device)
+    if text.startswith(HF_HUB_PREFIX) or "/" not in text:
+        return load_model(text, device=device)
+    name, pretrained = text.split("/", 1)
+    return load_model(name, pretrained, device=device)
+
+
 def default_model(device: str = "cpu") -> LoadedModel:
     """The embedded testbed model shipped in ``sith/testbed/checkpoints/testbed-main``."""
     if not (TESTBED_DIR / FOLDER_CONFIG).is_file() or not (TESTBED_DIR / FOLDER_WEIGHTS).is_file():

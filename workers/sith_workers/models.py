@@ -13,18 +13,16 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import redis
 
 from sith.engine.errors import InvalidInput
-from sith.engine.models import LoadedModel, default_model, load_model
+from sith.engine.models import LoadedModel, load_model, load_reference
 from sith_workers.connection import outage_as_unavailable
 
 T = TypeVar("T")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
-DEFAULT_NAMES = {"", "default", "testbed-main"}
 ModelRef = str | dict[str, Any] | None
 
 
@@ -79,18 +77,7 @@ def load_ref(ref: ModelRef, device: str) -> LoadedModel:
         if unknown:
             raise InvalidInput("model", f"unknown model reference keys {unknown}; use {sorted(allowed)}")
         return load_model(**{k: v for k, v in ref.items() if v is not None}, device=device)
-    text = canonical_ref(ref)
-    if text in DEFAULT_NAMES:
-        return default_model(device)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return load_model(str(path), device=device)
-    if path.suffix == ".json" and path.is_file():
-        return load_model(config=path, device=device)
-    if text.startswith("hf-hub:") or "/" not in text:
-        return load_model(text, device=device)
-    name, pretrained = text.split("/", 1)
-    return load_model(name, pretrained, device=device)
+    return load_reference(canonical_ref(ref), device)
 
 
 class ModelRegistry:
