@@ -41,11 +41,6 @@ class ServedModel:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def load_spec(spec: str | None, device: str = "cpu") -> LoadedModel:
-    """A ``SITH_MODELS`` entry (``sith.engine.models.load_reference``)."""
-    return load_reference(spec, device)
-
-
 class ModelRuntime:
     """Base models by name and hash, plus an LRU of edited models built on demand."""
 
@@ -61,7 +56,7 @@ class ModelRuntime:
         """Load every spec (the first is the default); ``()`` loads the embedded testbed model."""
         for i, spec in enumerate(specs or ("",)):
             start = time.perf_counter()
-            loaded = load_spec(spec, self.device)
+            loaded = load_reference(spec, self.device)  # a SITH_MODELS entry
             self.add(spec, loaded, is_default=(i == 0 and not self._models), seconds=time.perf_counter() - start)
 
     def add(self, spec: str, loaded: LoadedModel, is_default: bool = False, seconds: float = 0.0) -> ServedModel:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from sith.engine.errors import InvalidInput
 
@@ -60,17 +59,13 @@ def from_setting(setting: str) -> Vocabulary:
 
     Anything but "default" is a custom list that jobs carry, so workers explain over exactly it.
     """
-    if setting == "default":
-        return Vocabulary()
-    if setting == "testbed":
-        from sith.testbed.vocabulary import testbed_vocabulary
+    from sith.testbed.vocabulary import concepts_for
 
-        return Vocabulary(testbed_vocabulary())
-    lines = Path(setting).read_text(encoding="utf-8").splitlines()
-    words = list(dict.fromkeys(w.strip() for w in lines if w.strip()))
-    if not words:
-        raise InvalidInput("SITH_VOCABULARY", f"{setting} holds no concepts (one per line)")
-    return Vocabulary(words)
+    try:
+        words = concepts_for(setting)  # a file follows the workers' dictionary rules (comments, duplicates)
+    except InvalidInput as exc:
+        raise InvalidInput("SITH_VOCABULARY", f"{setting}: {exc.reason}") from None
+    return Vocabulary() if words is None else Vocabulary(words)
 
 
 def _default() -> list[str]:

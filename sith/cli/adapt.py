@@ -15,7 +15,7 @@ import click
 import torch
 from rich.table import Table
 
-from sith.cli.analysis import concepts_for, emit_json, err, out
+from sith.cli.analysis import emit_json, err, out
 from sith.engine.errors import InvalidInput
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
 
@@ -43,6 +43,7 @@ def analyzer_for(loaded, vocabulary: str, no_cache: bool = False):
     from sith.engine.analysis import Analyzer
     from sith.engine.cache import DiskCache, data_dir
     from sith.engine.dictionary import build_dictionary
+    from sith.testbed.vocabulary import concepts_for
 
     with err.status(f"Encoding the dictionary for {loaded.name}..."):
         dictionary = build_dictionary(loaded, concepts_for(vocabulary))

@@ -24,7 +24,7 @@ from rich.table import Table
 from sith.engine.analysis import Analyzer, HeadSummary, SearchHit
 from sith.engine.cache import DiskCache, data_dir
 from sith.engine.decomposition import CONVENTION, decompose
-from sith.engine.dictionary import build_dictionary, read_vocabulary
+from sith.engine.dictionary import build_dictionary
 from sith.engine.errors import InvalidInput
 from sith.engine.models import LoadedModel, load_model
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K, METHODS
@@ -84,20 +84,11 @@ def rich_progress() -> Progress:
                     console=err, transient=True)
 
 
-def concepts_for(vocabulary: str) -> list[str] | None:
-    """'testbed' (world words + distractors), 'default' (None: the built-in 20k-word list) or a file."""
-    from sith.testbed.vocabulary import testbed_vocabulary
-
-    if vocabulary == "testbed":
-        return testbed_vocabulary()
-    if vocabulary == "default":
-        return None
-    return read_vocabulary(vocabulary)
-
-
 def concept_list(loaded: LoadedModel, dictionary: str | None) -> list[str] | None:
     """``--dictionary`` as ``concepts_for``; unset = the testbed's own words for the shipped testbed
     models (their text tower never saw the English vocabulary), else the default."""
+    from sith.testbed.vocabulary import concepts_for
+
     if dictionary is None:
         dictionary = "testbed" if loaded.name.startswith("testbed-") else "default"
     return concepts_for(dictionary)

@@ -26,6 +26,19 @@ def testbed_categories() -> dict[str, list[str]]:
     }
 
 
+def concepts_for(setting: str) -> list[str] | None:
+    """A concept list by name, as the CLI's ``--dictionary``/``--vocabulary`` and ``SITH_VOCABULARY``
+    take it: "testbed" (world words + distractors), "default" (None: the engine's built-in English
+    vocabulary) or a word-list file (``read_vocabulary`` rules)."""
+    from sith.engine.dictionary import read_vocabulary
+
+    if setting == "testbed":
+        return testbed_vocabulary()
+    if setting == "default":
+        return None
+    return read_vocabulary(setting)
+
+
 def testbed_vocabulary(distractors: int = DEFAULT_DISTRACTORS) -> list[str]:
     """World words first, then ``distractors`` frequent English words (deterministic)."""
     world = list(dict.fromkeys(w for words in testbed_categories().values() for w in words))
