@@ -16,13 +16,19 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from sith.engine.decomposition import decompose_layer
-from sith.engine.jointspace import JointSpace
-from sith.engine.sparse import encode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, setup  # noqa: E402
+
+from sith.engine.decomposition import decompose_layer  # noqa: E402
+from sith.engine.jointspace import JointSpace  # noqa: E402
+from sith.engine.sparse import encode  # noqa: E402
 
 
 def targets_from_vit_l14(device: str) -> torch.Tensor:
@@ -54,7 +60,10 @@ def main() -> None:
     parser.add_argument("--atoms", type=int, default=50_000)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    setup(args.threads, args.device)
+    print(machine())
 
     targets = targets_from_vit_l14(args.device)
     generator = torch.Generator().manual_seed(1)

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 import sith_client
-from sith_client._requests import images_to_proto
-from sith_client.v1 import sith_pb2 as pb
+from sith_client._base import images_to_proto
+from sith_api.v1 import sith_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["a photo of a dog", "a red square", "a bird over the ocean", "snow on a mountain", "a green tree",

@@ -2,7 +2,8 @@
 
 Every concept of the testbed dictionary either names a value of one factor (shape, colour,
 background, texture, size, position, count, group) or is a distractor. For each sparse coder
-(COMP, NNOMP, top-k; K = 5) over the analysed layers:
+(COMP, NNOMP, top-k, specific; K = 5) over the analysed layers (the per-vector agreement with
+data-driven ground truth is measured by ``experiments/ground_truth.py``):
 
 * theme share: share of heads whose theme (Analyzer's σ-weighted concept scores, top 5) puts
   ≥ 60% of its score mass on one factor;
@@ -27,7 +28,7 @@ from sith.engine.sparse import fidelity, reconstruct
 from sith.testbed.vocabulary import testbed_categories
 
 THEME_SHARE = 0.6
-METHODS = ("comp", "nnomp", "topk")
+METHODS = ("comp", "nnomp", "topk", "specific")
 
 
 def factor_words() -> dict[str, str]:

@@ -70,7 +70,7 @@ def test_explain_shapes_and_order(analyzer, loaded) -> None:
 
 
 def test_explanations_are_the_comp_codes_of_the_targets(analyzer, dictionary) -> None:
-    summary = analyzer.explain(layers=[2], heads=[1], k=3, coherence=0.2, vectors=2)[0]
+    summary = analyzer.explain(layers=[2], heads=[1], method="comp", k=3, coherence=0.2, vectors=2)[0]
     rank = analyzer.decomposition([2])[2].S.shape[1]
     codes = comp(analyzer.targets(2)[rank : rank + 2], dictionary.centred, k=3, coherence=0.2)
     for v, indices, coefficients in zip(summary.vectors, codes.indices, codes.coefficients):
@@ -169,13 +169,15 @@ def test_cache_memoises_by_content_key(loaded, dictionary) -> None:
 
     cache = MemoryCache()
     first = Analyzer(loaded, dictionary, cache=cache).explain(layers=[2], k=3)
-    assert len(cache) == 3  # svd, data-free image mean, codes
+    # the SVDs of all 3 layers (the default "specific" coder standardises over the whole tower),
+    # the data-free image mean, the per-atom statistics and the codes
+    assert len(cache) == 6
     # Double the cached coefficients: a fresh analyzer must serve them instead of recomputing.
     key = next(k for k in cache._items if "/codes-" in k)
     tensors = tensors_from_bytes(cache.get(key))
     cache.put(key, tensors_to_bytes({**tensors, "coefficients": 2 * tensors["coefficients"]}))
     again = Analyzer(loaded, dictionary, cache=cache).explain(layers=[2], k=3)
-    assert len(cache) == 3
+    assert len(cache) == 6
     first_coefs = [c for s in first for v in s.vectors for _, c in v.concepts]
     again_coefs = [c for s in again for v in s.vectors for _, c in v.concepts]
     assert again_coefs == pytest.approx([2 * c for c in first_coefs], abs=3e-6)
@@ -184,3 +186,53 @@ def test_cache_memoises_by_content_key(loaded, dictionary) -> None:
     other.explain(layers=[2], k=3, method="topk")  # new method -> new key
     Analyzer(loaded, dictionary, image_mean="none", cache=cache).explain(layers=[2], k=3)  # new image mean
     assert len([k for k in cache._items if "/codes-" in k]) == 4
+
+
+def test_default_method_is_specific_coding_over_the_tower(analyzer, dictionary, loaded) -> None:
+    from sith.engine.sparse import DEFAULT_METHOD, atom_statistics, specific_codes
+
+    assert DEFAULT_METHOD == "specific"
+    layers = range(loaded.info.layers)
+    population = torch.cat([analyzer.targets(l) for l in layers] + [analyzer._negative_targets(l) for l in layers])
+    stats = atom_statistics(population, dictionary.centred)
+    torch.testing.assert_close(analyzer.atom_stats()[0], stats[0])
+    expected = specific_codes("topk", analyzer.targets(1), dictionary.centred, stats, k=4)
+    got = analyzer.codes(1, k=4)
+    assert torch.equal(got.indices, expected.indices)
+
+
+def test_explanations_carry_a_bounded_confidence(analyzer) -> None:
+    summaries = analyzer.explain(layers=[2], vectors=4)
+    values = [v.confidence for s in summaries for v in s.vectors]
+    assert values and all(c is not None and 0.0 <= c <= 1.0 for c in values)
+    hit = analyzer.find(["dog"], layers=[2], top=1)[0]
+    assert hit.confidence is not None and 0.0 <= hit.confidence <= 1.0
+
+
+def test_confidence_is_monotone_in_every_feature() -> None:
+    from sith.engine.analysis import CONFIDENCE_WEIGHTS, explanation_confidence
+
+    assert all(w >= 0 for w in CONFIDENCE_WEIGHTS)
+    base = torch.tensor([[0.3, 1.0, 0.2, 0.05]])
+    start = float(explanation_confidence(base)[0])
+    for i in range(4):
+        bumped = base.clone()
+        bumped[0, i] += 0.5
+        assert float(explanation_confidence(bumped)[0]) >= start
+    extreme = explanation_confidence(torch.tensor([[100.0, 100.0, 100.0, 100.0], [-100.0, -100.0, -100.0, -100.0]]))
+    assert bool(((extreme >= 0) & (extreme <= 1)).all())
+
+
+def test_explanation_features_are_those_of_the_first_concept(analyzer, dictionary) -> None:
+    from sith.engine.analysis import explanation_features
+
+    codes = analyzer.codes(2, method="comp", k=3)
+    targets = analyzer.targets(2)
+    feats = explanation_features(codes, targets, dictionary.centred, analyzer.atom_stats())
+    cos = targets @ dictionary.centred.T
+    first = codes.indices[:, 0]
+    torch.testing.assert_close(feats[:, 0], codes.coefficients[:, 0])
+    torch.testing.assert_close(feats[:, 2], cos.gather(1, first[:, None])[:, 0])
+    mean, scale = analyzer.atom_stats()
+    torch.testing.assert_close(feats[:, 1], (feats[:, 2] - mean[first]) / scale[first])
+    assert bool((feats[:, 3] <= feats[:, 2] + 2).all())

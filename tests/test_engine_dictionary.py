@@ -173,3 +173,106 @@ def test_progress_reports_every_concept(tiny):
     build_dictionary(tiny, ["one", "two", "three", "four", "five"], cache=MemoryCache(), progress=progress)
     assert seen == [("Encoding concepts", 5)]
     assert sum(advanced) == 5
+
+
+# ------------------------------------------------------------------ shared cache key and precision
+
+
+def _tiny_twin(tiny, tmp_path, change_vision: bool = False, change_text: bool = False):
+    """A second load of the tiny model's weights, optionally with the vision or text tower altered."""
+    import copy
+    import dataclasses
+
+    from sith.engine.models import vision_hash
+
+    model = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        if change_vision:
+            model.visual.proj.mul_(1.5)
+        if change_text:
+            model.text_projection.mul_(1.5)
+    return dataclasses.replace(tiny, model=model, hash=vision_hash(model))
+
+
+def test_dictionary_key_depends_on_text_tower_and_vocabulary_only(tiny, tmp_path, monkeypatch):
+    concepts = ["sun", "moon", "star"]
+    cache = MemoryCache()
+    first = build_dictionary(tiny, concepts, cache=cache)
+    other_vision = _tiny_twin(tiny, tmp_path, change_vision=True)
+    assert other_vision.hash != tiny.hash
+    assert dictionary_cache_key(other_vision, first.hash) == dictionary_cache_key(tiny, first.hash)
+    import sith.engine.dictionary as dictionary
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("re-encoded a dictionary the cache holds")
+
+    monkeypatch.setattr(dictionary, "encode_texts", no_encoding)
+    shared = build_dictionary(other_vision, concepts, cache=cache)  # another vision tower, same text tower
+    torch.testing.assert_close(shared.centred, first.centred)
+    other_text = _tiny_twin(tiny, tmp_path, change_text=True)
+    assert dictionary_cache_key(other_text, first.hash) != dictionary_cache_key(tiny, first.hash)
+    assert dictionary_cache_key(tiny, concepts_hash(["sun", "moon"])) != dictionary_cache_key(tiny, first.hash)
+
+
+def test_text_tower_hash_follows_in_place_changes(tiny, tmp_path):
+    from sith.engine.dictionary import text_tower_hash
+    from sith.engine.models import text_hash
+
+    twin = _tiny_twin(tiny, tmp_path)
+    before = text_tower_hash(twin)
+    assert before == text_hash(twin.model) == text_tower_hash(tiny)
+    with torch.no_grad():
+        twin.model.text_projection.mul_(2.0)
+    assert text_tower_hash(twin) == text_hash(twin.model) != before
+
+
+def test_precision_rules(tiny):
+    from sith.engine.dictionary import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    if torch.cuda.is_available():
+        assert resolve_precision("auto", "cuda") == "fp16"
+    for bad, device in (("fp16", "cpu"), ("bf16", "cpu"), ("half", "cpu")):
+        with pytest.raises(InvalidInput) as err:
+            resolve_precision(bad, device)
+        assert err.value.field == "precision"
+    with pytest.raises(InvalidInput):
+        build_dictionary(tiny, ["a", "b"], cache=MemoryCache(), precision="fp8")
+
+
+def test_half_precision_entries_serve_auto_but_not_explicit_fp32(tiny):
+    concepts = ["sun", "moon", "star"]
+    cache = MemoryCache()
+    key = dictionary_cache_key(tiny, concepts_hash(concepts))
+    planted = torch.randn(3, 24)
+    cache.put(key, tensors_to_bytes({"embeddings": planted}, {"precision": "fp16"}))
+    auto = build_dictionary(tiny, concepts, cache=cache)  # what a GPU worker encoded is good enough
+    torch.testing.assert_close(auto.embeddings, F.normalize(planted, dim=1))
+    exact = build_dictionary(tiny, concepts, cache=cache, precision="fp32")  # re-encodes and upgrades
+    torch.testing.assert_close(exact.embeddings, F.normalize(encode_texts(tiny, concepts), dim=1))
+    from sith.engine.cache import tensors_metadata
+
+    assert tensors_metadata(cache.get(key))["precision"] == "fp32"
+
+
+def test_unreadable_cache_entry_is_re_encoded(tiny):
+    concepts = ["sun", "moon"]
+    cache = MemoryCache()
+    cache.put(dictionary_cache_key(tiny, concepts_hash(concepts)), b"\x05\x00\x00")
+    d = build_dictionary(tiny, concepts, cache=cache)
+    torch.testing.assert_close(d.embeddings, F.normalize(encode_texts(tiny, concepts), dim=1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_half_precision_gpu_encoding_is_close_to_fp32(tiny):
+    import dataclasses
+
+    gpu = dataclasses.replace(tiny, model=tiny.model.to("cuda"))
+    try:
+        half = encode_texts(gpu, TEXTS, precision="fp16")
+        full = encode_texts(gpu, TEXTS, precision="fp32")
+    finally:
+        tiny.model.to("cpu")
+    assert half.device.type == "cpu" and half.dtype == torch.float32
+    assert F.cosine_similarity(half, full).min() > 0.999

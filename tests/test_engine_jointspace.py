@@ -116,7 +116,7 @@ def test_none_and_tensor_inputs(loaded, tmp_path):
         (lambda d: save_file({"a": torch.randn(24), "b": torch.randn(24)}, str(d / "two.safetensors"))
          or d / "two.safetensors", "exactly one"),
         (lambda d: (d / "m.txt").write_text("1") and d / "m.txt", "unsupported file type"),
-        (lambda d: "average", "not 'directions'"),
+        (lambda d: "average", "is not 'poles', 'directions', 'null-images', 'none'"),
         (lambda d: (d / "empty").mkdir() or d / "empty", "no images"),
     ],
 )
@@ -141,3 +141,40 @@ def test_image_folder_mean(loaded, tmp_path):
         batch = torch.stack([loaded.preprocess(im) for im in images])
         expected = loaded.model.encode_image(batch, normalize=True).mean(0)
     torch.testing.assert_close(mean, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_poles_mean_does_not_depend_on_the_sign_rule(loaded) -> None:
+    from sith.engine.decomposition import decompose_layer
+    from sith.engine.jointspace import poles_mean
+
+    space = JointSpace.for_model(loaded, None)
+    total, count = torch.zeros(loaded.info.output_dim, dtype=torch.float64), 0
+    for layer, block in enumerate(loaded.model.visual.transformer.resblocks):
+        v = decompose_layer(block, loaded.info.heads, layer).V
+        vectors = v.transpose(1, 2).reshape(-1, v.shape[1])
+        flips = torch.where(torch.arange(vectors.shape[0]) % 3 == 0, -1.0, 1.0)[:, None]  # another sign rule
+        flipped = vectors * flips
+        total += (space.project(flipped).double().sum(0) + space.project(-flipped).double().sum(0)).cpu()
+        count += 2 * vectors.shape[0]
+    torch.testing.assert_close(poles_mean(loaded), (total / count).float(), atol=1e-5, rtol=0)
+
+
+def test_null_images_are_deterministic_and_content_free(loaded) -> None:
+    from sith.engine.jointspace import null_image_mean, null_images
+
+    images = null_images(16)
+    assert images.shape == (27 + 12 + 8, 3, 16, 16)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert torch.equal(images, null_images(16))
+    assert torch.equal(images[0], torch.zeros(3, 16, 16))  # the first flat colour is black
+    mean = null_image_mean(loaded)
+    assert mean.shape == (loaded.info.output_dim,) and 0 < float(mean.norm()) <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("name", ["poles", "directions", "null-images", "POLES"])
+def test_data_free_means_by_name(loaded, name) -> None:
+    from sith.engine.jointspace import DATA_FREE_MEANS, DEFAULT_IMAGE_MEAN
+
+    assert DEFAULT_IMAGE_MEAN == "poles"
+    mean = resolve_image_mean(loaded, name)
+    torch.testing.assert_close(mean, DATA_FREE_MEANS[name.lower()](loaded))

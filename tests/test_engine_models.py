@@ -207,3 +207,51 @@ def test_one_string_names_a_model_everywhere(tiny_model, tmp_path):
     with pytest.raises(InvalidInput) as err:
         load_reference("ViT-B-3")
     assert err.value.field == "name" and "ViT-B-32" in err.value.suggestions
+
+
+HF_HUB_SCRIPT = """
+from sith.engine.models import load_model
+loaded = load_model("hf-hub:sith-test/tiny-hf-clip")
+print(loaded.name, loaded.hash, loaded.info.layers, type(loaded.model).__name__)
+"""
+
+
+def test_transformers_repos_load_through_the_hub_cache(tmp_path):
+    """hf-hub: also serves transformers repos (config.json + model.safetensors) from the offline cache."""
+    import os
+    import subprocess
+    import sys
+
+    import transformers
+
+    from sith.engine.towers.hf import HFModel
+
+    config = transformers.CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16)
+    source = HFModel(transformers.CLIPModel(config).eval()).sith_export(tmp_path / "src", {})
+    revision = "1" * 40
+    repo = tmp_path / "hub" / "models--sith-test--tiny-hf-clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    run = subprocess.run([sys.executable, "-c", HF_HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    name, digest, layers, kind = run.stdout.splitlines()[-1].split()
+    assert (name, digest, layers, kind) == ("hf-hub:sith-test/tiny-hf-clip", load_model(str(source)).hash, "3", "HFModel")
+
+
+def test_named_configs_of_other_families_load_and_unsupported_ones_are_named():
+    """An open_clip built-in name of another family (PE-Core, timm MAP head) loads with random weights;
+    a ConvNeXt name is refused with the tower type, from the meta-device check (no allocation)."""
+    loaded = load_model("PE-Core-T-16-384")
+    assert loaded.info.heads == 3 and loaded.info.output_dim == 512
+    assert loaded.tokenizer._tokenizer is None  # built on first text use
+    with pytest.raises(InvalidInput) as err:
+        load_model("convnext_xxlarge")
+    assert err.value.field == "name" and "timm ConvNeXt" in err.value.reason

@@ -205,3 +205,39 @@ def test_fidelity_is_one_for_exact_reconstruction() -> None:
     assert fidelity(codes, atoms, space, vectors).item() == pytest.approx(1.0, abs=1e-5)
     empty = SparseCodes(codes.indices, torch.zeros_like(codes.coefficients))
     assert fidelity(empty, atoms, space, vectors).item() == 0.0
+
+
+def test_atom_statistics_are_the_cosine_mean_and_spread() -> None:
+    from sith.engine.sparse import atom_statistics
+
+    gen = torch.Generator().manual_seed(3)
+    atoms = torch.nn.functional.normalize(torch.randn(12, 6, generator=gen), dim=-1)
+    population = torch.nn.functional.normalize(torch.randn(50, 6, generator=gen), dim=-1)
+    mean, std = atom_statistics(population, atoms, batch=7)
+    cos = population @ atoms.T
+    torch.testing.assert_close(mean, cos.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, cos.std(0, unbiased=False), atol=1e-5, rtol=0)
+
+
+def test_specific_codes_rank_by_standardised_cosine() -> None:
+    from sith.engine.sparse import encode, specific_codes
+
+    gen = torch.Generator().manual_seed(4)
+    atoms = torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=-1)
+    targets = torch.nn.functional.normalize(torch.randn(5, 8, generator=gen), dim=-1)
+    mean = torch.zeros(20)
+    mean[3] = 5.0  # atom 3 is close to every direction: it must never be picked first
+    scale = torch.ones(20)
+    codes = specific_codes("topk", targets, atoms, (mean, scale), k=1)
+    z = targets @ atoms.T - mean
+    assert torch.equal(codes.indices[:, 0], z.argmax(1))
+    assert not bool((codes.indices == 3).any())
+    assert bool((codes.coefficients >= 0).all())
+    with pytest.raises(InvalidInput) as info:
+        specific_codes("topk", targets, atoms, (mean[:3], scale), k=1)
+    assert info.value.field == "stats"
+    with pytest.raises(InvalidInput):
+        specific_codes("mp", targets, atoms, (mean, scale), k=1)
+    # Without statistics, encode standardises over the targets and their negatives.
+    fallback = encode("specific", targets, atoms, k=2)
+    assert fallback.indices.shape == (5, 2)

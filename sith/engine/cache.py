@@ -9,7 +9,9 @@ give every backend the same byte format.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import re
 import tempfile
 from pathlib import Path
@@ -88,3 +90,13 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return _st_load(data)
+
+
+def tensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata ``tensors_to_bytes`` stored, read from the header alone (no tensor copy)."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors payload (shorter than its header length)")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError("not a safetensors payload (header longer than the data)")
+    return json.loads(bytes(data[8 : 8 + length])).get("__metadata__") or {}

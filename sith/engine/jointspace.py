@@ -6,11 +6,14 @@ normalised, then centred by an image mean μ and normalised again, because the t
 centred by its own mean too and both modalities must meet around the origin (modality gap).
 
 The paper's μ is the mean normalised image embedding over CC12M, which needs data. The data-free
-default, ``image_mean="directions"``, uses instead the mean of the normalised mapped right singular
-vectors of **all heads of all layers** of the tower. Why: every mapped direction shares the ln_post
-offset β_p P and the tower's common output bias, which is exactly the shared component the image
-mean removes; averaging over the whole tower (not just the analysed layers) makes μ a property of
-the model alone, so codes for layer 20 do not change when layer 21 is also requested. Users with
+default, ``image_mean="poles"``, uses instead the mean of the normalised mapped right singular
+vectors of **all heads of all layers** of the tower, each taken with **both signs** (±v). Why:
+every mapped direction shares the ln_post offset β_p P and the tower's common output bias, which is
+exactly the shared component the image mean removes; averaging over the whole tower makes μ a
+property of the model alone (codes for layer 20 do not change when layer 21 is also requested),
+and averaging both poles makes it independent of the SVD's arbitrary sign rule. On the testbed it
+is closer to the real image mean than the one-sign "directions" mean (cosine 0.90 vs 0.83), which
+under the other sign convention has cosine only 0.59 to itself (docs/explanations.md). Users with
 images can pass a folder (or a precomputed tensor) to get the paper's convention.
 """
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sith.engine.decomposition import decompose_layer
+from sith.engine.memo import layer_svd
 from sith.engine.errors import InvalidInput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -33,16 +37,31 @@ TENSOR_SUFFIXES = {".pt", ".pth", ".npy", ".safetensors"}
 class JointSpace:
     """Maps d-dim residual directions to unit, centred joint-space vectors and back."""
 
-    def __init__(self, ln_post: nn.LayerNorm, proj: Tensor | None, image_mean: Tensor | None) -> None:
+    def __init__(self, ln_post: nn.Module, proj: Tensor | None, image_mean: Tensor | None,
+                 linear: Tensor | None = None, pullback: Tensor | None = None) -> None:
+        """``ln_post``: the readout before the final projection (a LayerNorm, or a tower adapter's
+        ``Readout``); ``proj``: the final projection [D', D] or None; ``linear``: the linear map
+        [d, D] whose pseudo-inverse the approximate inverse uses (default ``proj``); ``pullback``:
+        the readout's linear part with its norms' gains [d, D] (default diag(γ_post) P), through
+        which text directions are pulled back into the residual stream (edits)."""
         self.ln_post = ln_post
         self.proj = proj.detach() if proj is not None else None
+        self.linear = linear.detach() if linear is not None else self.proj
+        if pullback is None and isinstance(ln_post, nn.LayerNorm) and self.proj is not None \
+                and ln_post.weight is not None and ln_post.weight.shape[0] == self.proj.shape[0]:
+            pullback = ln_post.weight.detach()[:, None] * self.proj
+        self.pullback = pullback.detach() if pullback is not None else None
         self.image_mean = image_mean.detach().float() if image_mean is not None else None
         self._pinv: Tensor | None = None
 
     @classmethod
     def for_model(cls, loaded, image_mean: Tensor | None) -> JointSpace:
-        visual = loaded.model.visual
-        return cls(visual.ln_post, visual.proj, image_mean)
+        """The model's data-free readout, from its tower adapter (``sith.engine.towers``)."""
+        from sith.engine.towers import adapter_for
+
+        tower = adapter_for(loaded.model)
+        readout, proj, linear = tower.joint_pieces()
+        return cls(readout, proj, image_mean, linear, tower.pullback_matrix())
 
     def project(self, vectors: Tensor) -> Tensor:
         """Unit ``LN_post(v) @ P`` [B, D], before centring."""
@@ -61,7 +80,7 @@ class JointSpace:
 
     def pinv(self) -> Tensor:
         if self._pinv is None:
-            self._pinv = torch.linalg.pinv(self.proj.double()).float() if self.proj is not None else None
+            self._pinv = torch.linalg.pinv(self.linear.double()).float() if self.linear is not None else None
         return self._pinv
 
     def inverse(self, joint: Tensor) -> Tensor:
@@ -75,22 +94,102 @@ class JointSpace:
         pinv = self.pinv()
         if pinv is not None:
             y = y @ pinv.to(y.device)
+        elif not isinstance(self.ln_post, nn.LayerNorm):
+            raise InvalidInput("fidelity", "this tower's readout has no linear part to invert "
+                               "(see docs/towers.md); fidelity is not available for it")
         return F.normalize(y, dim=-1)
 
 
-def directions_mean(loaded) -> Tensor:
-    """Data-free image mean: mean of the normalised mapped right singular vectors of every head of every layer."""
-    space = JointSpace.for_model(loaded, None)
-    blocks = loaded.model.visual.transformer.resblocks
+def _mapped_directions(loaded, space: JointSpace, sign: float) -> tuple[Tensor, int]:
+    """Σ over every right singular vector of every head of every layer of project(sign·v), and the count."""
+    from sith.engine.towers import adapter_for
+
+    blocks = adapter_for(loaded.model).blocks
     total = torch.zeros(loaded.info.output_dim, dtype=torch.float64)
     count = 0
     with torch.no_grad():
         for layer, block in enumerate(blocks):
-            v = decompose_layer(block, loaded.info.heads, layer).V  # [H, d, r]
+            v = layer_svd(loaded, layer, lambda: decompose_layer(block, loaded.info.heads, layer)).V  # [H, d, r]
             vectors = v.transpose(1, 2).reshape(-1, v.shape[1])
-            total += space.project(vectors).double().sum(0).cpu()
+            total += space.project(sign * vectors).double().sum(0).cpu()
             count += vectors.shape[0]
+    return total, count
+
+
+def directions_mean(loaded) -> Tensor:
+    """Mean of the normalised mapped right singular vectors of every head of every layer.
+
+    Depends on the SVD's sign rule (a flipped v_j maps elsewhere, because ln_post's bias makes
+    the map affine); kept for comparison, ``poles_mean`` is the sign-free version.
+    """
+    total, count = _mapped_directions(loaded, JointSpace.for_model(loaded, None), 1.0)
     return (total / count).float()
+
+
+def poles_mean(loaded) -> Tensor:
+    """Sign-free data-free image mean: the mean over both poles ±v_j of every vector of every head.
+
+    Every mapped direction shares the ln_post offset β_p P; averaging v and −v cancels the
+    direction-specific part exactly to first order and keeps the shared offset, whatever sign
+    convention the SVD used.
+    """
+    space = JointSpace.for_model(loaded, None)
+    plus, count = _mapped_directions(loaded, space, 1.0)
+    minus, _ = _mapped_directions(loaded, space, -1.0)
+    return ((plus + minus) / (2 * count)).float()
+
+
+def _preprocess_stats(loaded) -> tuple[Tensor, Tensor, int]:
+    visual = loaded.model.visual
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), dtype=torch.float32)
+    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), dtype=torch.float32)
+    size = visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return mean, std, size
+
+
+def null_images(size: int, seed: int = 0) -> Tensor:
+    """Synthetic content-free images [N, 3, size, size] in [0, 1]: 27 flat colours (the 3×3×3 RGB
+    grid), 12 two-colour linear gradients (horizontal, vertical, diagonal) and 8 noise images
+    (4 uniform pixel noise, 4 smooth noise). Deterministic for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, 0.5, 1.0])
+    flats = torch.cartesian_prod(levels, levels, levels)  # [27, 3]
+    images = [flats[:, :, None, None].expand(-1, -1, size, size)]
+    ramp = torch.linspace(0, 1, size)
+    ramps = [ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+             (ramp[None, :] + ramp[:, None]) / 2]
+    grads = []
+    for i in range(12):
+        a, b = torch.rand(3, generator=gen), torch.rand(3, generator=gen)
+        w = ramps[i % 3]
+        grads.append(a[:, None, None] * (1 - w) + b[:, None, None] * w)
+    images.append(torch.stack(grads))
+    images.append(torch.rand(4, 3, size, size, generator=gen))
+    coarse = torch.rand(4, 3, max(2, size // 8), max(2, size // 8), generator=gen)
+    images.append(F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(images).clamp(0, 1)
+
+
+def null_image_mean(loaded, batch_size: int = 16) -> Tensor:
+    """Data-free image mean from synthetic null images (``null_images``): the mean of their unit
+    embeddings. No dataset is read; the images only exercise the tower's own response to
+    content-free input (flat colour, smooth gradients, noise)."""
+    mean, std, size = _preprocess_stats(loaded)
+    images = (null_images(size) - mean[None, :, None, None]) / std[None, :, None, None]
+    device = next(loaded.model.parameters()).device
+    total = torch.zeros(loaded.info.output_dim, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            emb = loaded.model.encode_image(images[start : start + batch_size].to(device), normalize=True)
+            total += emb.double().sum(0).cpu()
+    return (total / images.shape[0]).float()
+
+
+# Data-free image means by name (``resolve_image_mean``); "poles" is the default.
+DATA_FREE_MEANS = {"poles": poles_mean, "directions": directions_mean, "null-images": null_image_mean}
+DEFAULT_IMAGE_MEAN = "poles"
 
 
 def _tensor_from_file(path: Path) -> Tensor:
@@ -155,7 +254,8 @@ def image_folder_mean(loaded, folder: Path, batch_size: int = 32) -> Tensor:
 
 
 def resolve_image_mean(loaded, image_mean: str | Path | Tensor | None) -> Tensor | None:
-    """"directions" (data-free default), "none"/None, a tensor, a tensor file (.pt/.npy/.safetensors) or an image folder."""
+    """A data-free mean by name ("poles", the default; "directions"; "null-images"), "none"/None,
+    a tensor, a tensor file (.pt/.npy/.safetensors) or an image folder (the paper's convention)."""
     output_dim = loaded.info.output_dim
     if image_mean is None:
         return None
@@ -163,11 +263,13 @@ def resolve_image_mean(loaded, image_mean: str | Path | Tensor | None) -> Tensor
         return _validate(image_mean, output_dim)
     if isinstance(image_mean, str) and image_mean.lower() == "none":
         return None
-    if isinstance(image_mean, str) and image_mean.lower() == "directions":
-        return directions_mean(loaded)
+    if isinstance(image_mean, str) and image_mean.lower() in DATA_FREE_MEANS:
+        return DATA_FREE_MEANS[image_mean.lower()](loaded)
     path = Path(image_mean).expanduser()
     if not path.exists():
-        raise InvalidInput("image_mean", f"{str(image_mean)!r} is not 'directions', 'none', or an existing file/folder")
+        names = ", ".join(repr(n) for n in DATA_FREE_MEANS)
+        raise InvalidInput("image_mean", f"{str(image_mean)!r} is not {names}, 'none', or an existing file/folder",
+                           suggestions=[n for n in DATA_FREE_MEANS if n.startswith(str(image_mean)[:2].lower())])
     if path.is_dir():
         return image_folder_mean(loaded, path)
     if path.suffix.lower() not in TENSOR_SUFFIXES:
