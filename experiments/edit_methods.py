@@ -27,7 +27,8 @@ from sith.engine.sparse import comp
 def sith_plan(analyzer, concepts: Sequence[str], n: int, action: str = "suppress", strength: float | None = None,
               layers: list[int] | None = None) -> EditPlan:
     spec = EditSpec(model=analyzer.loaded.name,
-                    operations=[Operation(list(concepts), action, strength, layers, top_n(n))]).validate()
+                    operations=[Operation(list(concepts), action, strength, layers, top_n(n),
+                                          operator="sith_scale")]).validate()
     return plan_edit(analyzer, spec)
 
 

@@ -21,6 +21,10 @@ from sith.testbed.world import HELDOUT_SEED, NATURAL, Batch, make_batch, sample
 FACTOR_NAMES = ("shape", "colour", "background", "texture", "size", "count", "position")
 VAL_FACTOR_SEED = HELDOUT_SEED + 20
 VAL_SPURIOUS_SEED = HELDOUT_SEED + 30
+# Fresh test seeds for the edit frontier (experiments/frontier.py): never used by any earlier
+# experiment, and never looked at while choosing a hyperparameter or a default.
+FRESH_FACTOR_SEED = HELDOUT_SEED + 40
+FRESH_SPURIOUS_SEED = HELDOUT_SEED + 50
 
 
 @dataclass
@@ -35,15 +39,18 @@ def _from_batch(batch: Batch, cells=None) -> EvalSet:
 
 
 def natural_set(n: int, split: str) -> EvalSet:
+    """``split``: "val" (choose), "test" (sith.testbed.evaluate's split) or "fresh" (frontier test)."""
     if split == "test":
         return _from_batch(ev.factor_set(n))
-    return _from_batch(make_batch([sample(NATURAL, VAL_FACTOR_SEED, i) for i in range(n)]))
+    seed = FRESH_FACTOR_SEED if split == "fresh" else VAL_FACTOR_SEED
+    return _from_batch(make_batch([sample(NATURAL, seed, i) for i in range(n)]))
 
 
 def spurious_set(n: int, split: str) -> EvalSet:
     if split == "test":
         return _from_batch(*ev.spurious_set(n))
-    pairs = [balanced_test_sample(i, VAL_SPURIOUS_SEED) for i in range(n)]
+    seed = FRESH_SPURIOUS_SEED if split == "fresh" else VAL_SPURIOUS_SEED
+    pairs = [balanced_test_sample(i, seed) for i in range(n)]
     return _from_batch(make_batch([s for s, _ in pairs]), [c for _, c in pairs])
 
 

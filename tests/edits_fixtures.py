@@ -63,11 +63,11 @@ def plan_inputs(loaded, dictionary, layers, k: int = 5):
     """Decomposition, joint space and candidate vectors built from the real engine pieces."""
     from sith.edits.plan import vector_set
     from sith.engine.decomposition import decompose
-    from sith.engine.jointspace import JointSpace, resolve_image_mean
+    from sith.engine.jointspace import DEFAULT_IMAGE_MEAN, JointSpace, resolve_image_mean
     from sith.engine.sparse import comp
 
     decomposition = decompose(loaded, layers)
-    joint = JointSpace.for_model(loaded, resolve_image_mean(loaded, "directions"))
+    joint = JointSpace.for_model(loaded, resolve_image_mean(loaded, DEFAULT_IMAGE_MEAN))  # the Analyzer's default
     targets, codes = {}, {}
     for layer, svd in decomposition.items():
         heads, _, rank = svd.V.shape

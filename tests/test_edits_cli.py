@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from edits_fixtures import CONCEPTS, TINY_CFG, images, tiny_clip
 from sith.cli import main
+from sith.edits.spec import DEFAULT_SUPPRESS_TARGET
 
 
 @pytest.fixture()
@@ -43,15 +44,20 @@ def _run(args):
 @pytest.mark.slow
 def test_preview_apply_show_revert(setup):
     tmp, model, model_args, dict_args = setup
-    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--top", "3", "--json"])
+    scale = ["--operator", "sith_scale"]
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--top", "3", *scale, "--json"])
     assert code == 0, out
     plan = json.loads(out)
     assert len(plan["affected"]) == 3 and plan["heads"] and plan["concept_alignment"]
 
     first = tmp / "red.safetensors"
-    code, out = _run(["edit", "apply", *model_args, *dict_args, "--concept", "red", "--top", "3", "--out", str(first)])
+    code, out = _run(["edit", "apply", *model_args, *dict_args, "--concept", "red", "--top", "3", *scale,
+                      "--out", str(first)])
     assert code == 0, out
     code, out = _run(["edit", "show", str(first)])
+    assert code == 0 and "suppress red with sith_scale" in out and "3 singular value(s)" in out
+    assert len(out.splitlines()) < 40  # a summary, not the raw manifest
+    code, out = _run(["edit", "show", str(first), "--json"])
     manifest = json.loads(out)
     assert len(manifest["multipliers"]["changed"]) == 3
     assert [[a["layer"], a["head"], a["index"]] for a in manifest["affected"]] == \
@@ -89,6 +95,36 @@ def test_preview_apply_show_revert(setup):
     code, out = _run(["edit", "revert", str(composed), *model_args, "--out", str(restored)])
     assert code == 0, out
     assert (_embed(restored, x) - base).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_default_command_is_target_driven_and_previews_its_effect(setup):
+    tmp, model, model_args, dict_args = setup
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--json"])
+    assert code == 0, out
+    plan = json.loads(out)
+    op = plan["spec"]["operations"][0]
+    assert op["operator"] == "head_project" and op["select"] == {"rule": "auto"}
+    assert op["target"] == DEFAULT_SUPPRESS_TARGET
+    red = next(e for e in plan["predicted"] if e["concept"] == "red")
+    assert red["role"] == "target" and red["after"] <= DEFAULT_SUPPRESS_TARGET + 1e-6
+    assert {e["concept"] for e in plan["predicted"] if e["role"] == "preserve"} == {"blue", "green", "yellow"}
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--layers", "0",
+                      "--target", "0"])
+    assert code == 0 and "not reachable" in out and "Predicted presence" in out
+    out_path = tmp / "red-default.safetensors"
+    code, out = _run(["edit", "apply", *model_args, *dict_args, "--concept", "red", "--out", str(out_path)])
+    assert code == 0, out
+    code, out = _run(["edit", "show", str(out_path)])
+    assert "head_project" in out and "write map(s)" in out and "predicted presence" in out
+    restored = tmp / "restored-default.safetensors"
+    code, out = _run(["edit", "revert", str(out_path), *model_args, "--out", str(restored)])
+    assert code == 0, out
+    x = images()
+    assert (_embed(restored, x) - model.encode_image(x).detach()).abs().max() < 1e-5
+    assert (_embed(out_path, x) - model.encode_image(x).detach()).abs().max() > 1e-4
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--preserve", "bleu"])
+    assert code == 2 and "operations[0].preserve[0]" in out and "blue" in out
 
 
 def test_bad_input_is_one_clear_line(setup):

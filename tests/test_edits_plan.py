@@ -50,42 +50,42 @@ def test_relevance_matches_the_documented_rule(stack):
 
 def test_top_n_selects_the_most_relevant_vectors_of_the_requested_layers(stack):
     _, dictionary, _, _, vectors = stack
-    plan = _plan(stack, Operation(["red"], "suppress", layers=[2], select=top_n(5)))
+    plan = _plan(stack, Operation(["red"], "suppress", operator="sith_scale", layers=[2], select=top_n(5)))
     scores = DictionaryJudge(dictionary).score(vectors, ["red"])
     in_layer = [i for i, k in enumerate(vectors.keys) if k[0] == 2]
     best = sorted(in_layer, key=lambda i: -float(scores[i]))[:5]
     assert {(a.layer, a.head, a.index) for a in plan.affected} == {vectors.keys[i] for i in best}
     assert plan.multipliers.changed() == sorted((*vectors.keys[i], 0.0) for i in best)
     assert torch.equal(plan.multipliers.values[1], torch.ones_like(plan.multipliers.values[1]))
-    assert plan.to_dict() == _plan(stack, Operation(["red"], "suppress", layers=[2], select=top_n(5))).to_dict()
+    assert plan.to_dict() == _plan(stack, Operation(["red"], "suppress", operator="sith_scale", layers=[2], select=top_n(5))).to_dict()
 
 
 def test_threshold_selects_everything_above_it(stack):
     _, dictionary, _, _, vectors = stack
     scores = DictionaryJudge(dictionary).score(vectors, ["circle"])
     cut = float(torch.quantile(scores, 0.9))
-    plan = _plan(stack, Operation(["circle"], "amplify", 2.0, select=threshold(cut)))
+    plan = _plan(stack, Operation(["circle"], "amplify", 2.0, operator="sith_scale", select=threshold(cut)))
     assert len(plan.affected) == int((scores >= cut).sum())
     assert all(a.relevance >= cut and a.alpha == 2.0 for a in plan.affected)
 
 
 def test_no_vector_above_threshold_is_an_error_not_a_silent_no_op(stack):
     with pytest.raises(InvalidInput, match="nothing was changed") as err:
-        _plan(stack, Operation(["red"], "suppress", select=threshold(50.0)))
+        _plan(stack, Operation(["red"], "suppress", operator="sith_scale", select=threshold(50.0)))
     assert err.value.field == "operations[0].select.threshold"
     assert "the best is" in err.value.reason
 
 
 def test_unknown_concept_suggests_dictionary_entries(stack):
     with pytest.raises(InvalidInput) as err:
-        _plan(stack, Operation(["red"], "suppress"), Operation(["watter"], "suppress"))
+        _plan(stack, Operation(["red"], "suppress", operator="sith_scale"), Operation(["watter"], "suppress", operator="sith_scale"))
     assert err.value.field == "operations[1].concepts[0]"
     assert "water" in err.value.suggestions
 
 
 def test_two_operations_on_one_vector_are_rejected_naming_both(stack):
-    red = Operation(["red"], "suppress", select=explicit([(2, 0, 1), (2, 1, 1)]))
-    blue = Operation(["blue"], "amplify", 2.0, select=explicit([(2, 1, 1)]))
+    red = Operation(["red"], "suppress", operator="sith_scale", select=explicit([(2, 0, 1), (2, 1, 1)]))
+    blue = Operation(["blue"], "amplify", 2.0, operator="sith_scale", select=explicit([(2, 1, 1)]))
     with pytest.raises(InvalidInput, match=r"operations\[0\].*operations\[1\]") as err:
         _plan(stack, red, blue)
     assert err.value.field == "operations[1]"
@@ -96,17 +96,17 @@ def test_two_operations_on_one_vector_are_rejected_naming_both(stack):
 
 def test_explicit_vector_outside_the_analysis_is_named(stack):
     with pytest.raises(InvalidInput) as err:
-        _plan(stack, Operation(["red"], "suppress", layers=[2], select=explicit([(1, 0, 0)])))
+        _plan(stack, Operation(["red"], "suppress", operator="sith_scale", layers=[2], select=explicit([(1, 0, 0)])))
     assert err.value.field == "operations[0].select.vectors[0]"
     with pytest.raises(InvalidInput) as err:
-        _plan(stack, Operation(["red"], "suppress", layers=[7]))
+        _plan(stack, Operation(["red"], "suppress", operator="sith_scale", layers=[7]))
     assert err.value.field == "operations[0].layers"
 
 
 def test_preview_matches_what_apply_does(stack):
     loaded, dictionary, decomposition, joint, _ = stack
-    plan = _plan(stack, Operation(["red", "blue"], "suppress", select=top_n(6)),
-                 Operation(["forest"], "scale", 0.5, layers=[1], select=top_n(3)))
+    plan = _plan(stack, Operation(["red", "blue"], "suppress", operator="sith_scale", layers=[2], select=top_n(6)),
+                 Operation(["forest"], "scale", 0.5, operator="sith_scale", layers=[1], select=top_n(3)))
     edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
     before, after = decompose(loaded, LAYERS), decompose(type(loaded)(edited, loaded.tokenizer, "e", "",
                                                                           loaded.info, None), LAYERS)
@@ -130,9 +130,9 @@ def test_plan_edit_through_the_analyzer_matches_the_component_path(stack, tmp_pa
 
     loaded, dictionary, *_ = stack
     analyzer = Analyzer(loaded, dictionary)
-    spec = EditSpec(model="tiny", operations=[Operation(["red", "water"], "suppress", layers=LAYERS, select=top_n(6))])
+    spec = EditSpec(model="tiny", operations=[Operation(["red", "water"], "suppress", operator="sith_scale", layers=LAYERS, select=top_n(6))])
     via_analyzer = plan_edit(analyzer, spec)
-    direct = _plan(stack, Operation(["red", "water"], "suppress", layers=LAYERS, select=top_n(6)))
+    direct = _plan(stack, Operation(["red", "water"], "suppress", operator="sith_scale", layers=LAYERS, select=top_n(6)))
     assert [(a.layer, a.head, a.index) for a in via_analyzer.affected] == \
            [(a.layer, a.head, a.index) for a in direct.affected]
     assert via_analyzer.multipliers == direct.multipliers
@@ -151,7 +151,7 @@ class _SigmaJudge:
 
 def test_an_external_judge_plugs_in(stack):
     loaded, dictionary, decomposition, joint, vectors = stack
-    spec = EditSpec(model="tiny", operations=[Operation(["anything at all"], "suppress", layers=[2],
+    spec = EditSpec(model="tiny", operations=[Operation(["anything at all"], "suppress", operator="sith_scale", layers=[2],
                                                         select=top_n(2))]).validate()
     plan = plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors,
                              operation_layers(loaded.info, spec), joint, dictionary, judge=_SigmaJudge())

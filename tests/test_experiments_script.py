@@ -49,3 +49,63 @@ def test_quick_run_writes_every_table_and_removal_lowers_the_concept(tmp_path):
         assert 0 <= quality["theme_one_factor"] <= 1 and 0 < quality["purity"] <= 1
         assert -1 <= quality["fidelity"] <= 1 and 0 < quality["joint_fidelity"] <= 1
     assert results["explanations"]["proj_condition"] >= 1
+
+
+def _frontier():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "experiments" / "frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_frontier_targets_and_choice_rule_follow_the_issue():
+    fr = _frontier()
+    task = fr.TASKS["red"]
+    base = {"factors": {f: 0.8 for f in fr.FACTOR_NAMES}, "recall": 0.98, "rest": 0.9}
+    good = {"factors": {**base["factors"], "colour": 0.5}, "recall": 0.1, "rest": 0.9 * 0.96}
+    s = fr.summarise(good, base, task)
+    assert s["met"] and s["rest_keep"] == pytest.approx(0.96) and s["other_min"] == pytest.approx(1.0)
+    weak = fr.summarise({**good, "recall": 0.3}, base, task)
+    costly = fr.summarise({**good, "rest": 0.5}, base, task)
+    assert not weak["met"] and not costly["met"]
+    # validation rule: reaching the removal target beats anything that does not; then retention
+    assert fr.choice_key(s, task) > fr.choice_key(costly, task) > fr.choice_key(weak, task)
+    debias = fr.TASKS["water/land"]
+    base = {"factors": {f: 0.8 for f in fr.FACTOR_NAMES}, "worst": 0.6, "mean": 0.8}
+    lifted = fr.summarise({**base, "worst": 0.85, "mean": 0.85}, base, debias)
+    assert lifted["met"] and lifted["worst_gain"] == pytest.approx(0.25)
+    assert not fr.summarise({**base, "worst": 0.85, "mean": 0.7}, base, debias)["met"]
+
+
+def test_rank_correlation_and_probe_are_real_measurements():
+    import torch
+
+    fr = _frontier()
+    assert fr.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert fr.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    y = x[:, 0] > 0.3
+    assert fr.probe_accuracy(x[:200], y[:200], x[200:], y[200:]) > 0.95  # a linearly present concept is found
+    noise = torch.randn(400, 8, generator=g)
+    assert fr.probe_accuracy(noise[:200], y[:200], noise[200:], y[200:]) < 0.65  # a removed one is not
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMALL / "open_clip_model.safetensors").is_file(), reason="testbed-small not shipped")
+def test_frontier_quick_run_writes_tables_plot_and_the_default_point(tmp_path):
+    fr = _frontier()
+    out = tmp_path / "frontier.md"
+    assert fr.main(["--model", str(SMALL), "--quick", "--task", "red", "--out", str(out),
+                    "--figures", str(tmp_path)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "Remove \"red\"" in text and "default command" in text and "Spearman" in text
+    result = json.loads((tmp_path / "frontier.json").read_text())["testbed-small"]
+    entry = result["tasks"]["red"]
+    assert {p["operator"] for p in entry["points"]} == set(fr.OPERATORS)
+    assert entry["default"]["operator"] == "head_project" and 0 <= entry["default"]["test"]["recall"] <= 1
+    # the strongest head_project edit removes more than the weakest one (a real, monotone effect)
+    hp = {p["target"]: p["test"]["recall"] for p in entry["points"] if p["operator"] == "head_project" and p["lambda"] == 0}
+    assert hp[min(hp)] <= hp[max(hp)]
+    assert (tmp_path / "frontier-testbed-small.png").stat().st_size > 1000

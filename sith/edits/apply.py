@@ -9,6 +9,12 @@ write along the all-ones direction, which every downstream LayerNorm discards) i
 α = 1 reproduces the stock weights. The head's constant value term c_h (attention weights sum to
 one) used to contribute c_h W_O^h to the bias; ``out_proj.bias`` absorbs c_h (W_O^h − W_O^h') so
 the constant is untouched, which is SITH's folded-bias semantics (only the VO matrix is edited).
+
+Rank-one write maps (operators.py) multiply a head's write on the right, M' = U diag(ασ) Vᵀ T,
+through the same path (so they are written from the base decomposition and revert exactly). A map
+on the output site rewrites the final projection P ← P T (``visual.proj`` for open_clip, through
+the tower adapter's ``set_projection``); that one is relative to the proj it is given,
+so apply such edits to the base model (the CLI, the server and ``revert`` all do).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from sith.edits.multipliers import Multipliers
-from sith.engine.decomposition import LayerSVD, head_value_bias, vo_factors
+from sith.engine.decomposition import LayerSVD, vo_factors
 from sith.engine.errors import InvalidInput
+from sith.engine.towers import TowerAdapter, adapter_for, block_access, tower_kind
 
 # A decomposition whose U leaves col(A) by more than this does not belong to these read weights.
 SPAN_TOLERANCE = 1e-3
@@ -30,18 +37,10 @@ def _clip(model):
     return getattr(model, "model", model)  # accept a LoadedModel as well as a CLIP
 
 
-def _layer_scale(block: nn.Module) -> Tensor | None:
-    gamma = getattr(getattr(block, "ls_1", None), "gamma", None)
-    return None if gamma is None else gamma.detach().double()
-
-
 @torch.no_grad()
-def rewrite_head(block: nn.Module, num_heads: int, head: int, svd: LayerSVD, alpha: Tensor) -> None:
-    """Set head ``head`` of ``block`` to W_VO = U diag(α σ) Vᵀ (in place, stock layout)."""
-    attn = block.attn
-    d = attn.embed_dim
-    dh = d // num_heads
-    cols = slice(head * dh, (head + 1) * dh)
+def rewrite_head(block: nn.Module, num_heads: int, head: int, svd: LayerSVD, alpha: Tensor,
+                 right: Tensor | None = None) -> None:
+    """Set head ``head`` of ``block`` to W_VO = U diag(α σ) Vᵀ [T] (in place, stock layout)."""
     w_v, _ = vo_factors(block, num_heads)
     a = w_v[head].double()  # [d, dh]
     device = a.device
@@ -53,21 +52,12 @@ def rewrite_head(block: nn.Module, num_heads: int, head: int, svd: LayerSVD, alp
         raise InvalidInput("decomposition", f"layer {svd.layer} head {head}: the decomposition does not match "
                            "this model's value weights (decomposed from a different model?)")
     b_new = coords @ torch.diag(alpha.double() * s) @ v.T  # [dh, d], centred write rows
+    if right is not None:
+        b_new = b_new @ right.to(device).double()
 
-    weight = attn.out_proj.weight  # [d_out, d_in]
-    gamma = _layer_scale(block)
-    old_raw = weight[:, cols].double().T  # [dh, d] raw W_O^h (out_proj units)
-    old_folded = old_raw * gamma[None, :] if gamma is not None else old_raw
-    removed_mean = old_folded.mean(dim=1, keepdim=True)  # what the centring of W_O took out
-    new_folded = b_new + removed_mean
-    new_raw = new_folded / gamma[None, :] if gamma is not None else new_folded
-
-    c_h = head_value_bias(block, num_heads)[head].double()  # [dh]
-    if attn.out_proj.bias is not None:
-        attn.out_proj.bias += (c_h @ (old_raw - new_raw)).to(attn.out_proj.bias.dtype)
-    elif (c_h.abs() > 0).any():
-        raise InvalidInput("model", "out_proj has no bias to absorb the head's constant value term")
-    weight[:, cols] = new_raw.T.to(weight.dtype)
+    # The tower adapter's block writer adds back the removed mean, unfolds LayerScale (and any
+    # norm inside attention), compensates the output bias for c_h and writes stock layout.
+    block_access(block).write_head(head, b_new)
 
 
 def apply_multipliers(model, multipliers: Multipliers, decomposition: dict[int, LayerSVD], *,
@@ -80,8 +70,9 @@ def apply_multipliers(model, multipliers: Multipliers, decomposition: dict[int, 
     """
     clip = _clip(model)
     edited = clip if inplace else copy.deepcopy(clip)
-    blocks = edited.visual.transformer.resblocks
-    num_heads = blocks[0].attn.num_heads
+    tower = adapter_for(edited)
+    blocks = tower.blocks
+    num_heads = tower.num_heads
     for layer, alpha in multipliers.values.items():
         if layer not in decomposition:
             raise InvalidInput("decomposition", f"layer {layer} is edited but was not decomposed "
@@ -93,10 +84,31 @@ def apply_multipliers(model, multipliers: Multipliers, decomposition: dict[int, 
             raise InvalidInput("multipliers", f"layer {layer}: shape {tuple(alpha.shape)} does not match the "
                                f"decomposition's {tuple(svd.S.shape)}")
         for head in range(num_heads):
-            if skip_unchanged and bool((alpha[head] == 1.0).all()):
+            right = multipliers.write_matrix("head", layer, head)
+            if skip_unchanged and right is None and bool((alpha[head] == 1.0).all()):
                 continue
-            rewrite_head(blocks[layer], num_heads, head, svd, alpha[head])
+            rewrite_head(blocks[layer], num_heads, head, svd, alpha[head], right)
+    for site, layer, head in multipliers.mapped_writers():
+        if site == "head" and not (0 <= head < num_heads):
+            raise InvalidInput("multipliers", f"layer {layer} head {head} does not exist ({num_heads} heads)")
+        if site == "output":
+            _rewrite_output(tower, multipliers.write_matrix("output"))
     return edited
+
+
+@torch.no_grad()
+def _rewrite_output(tower: TowerAdapter, right: Tensor) -> None:
+    """Final projection P ← P T (row form e = x P, so e' = e T), read and written through the tower
+    adapter so every family whose readout ends in a linear projection (open_clip ViT/CoCa/CLIPA,
+    transformers CLIP) gets the same edit in its own stock layout."""
+    _, proj, _ = tower.joint_pieces()
+    if proj is None:
+        raise InvalidInput("operator", f"output_projection: the {tower_kind(tower.model)} vision tower "
+                           f"({tower.family}) exposes no final linear projection to rewrite; use a head operator")
+    if proj.shape[1] != right.shape[0]:
+        raise InvalidInput("multipliers", f"the output write map is {tuple(right.shape)}, but this model's final "
+                           f"projection is {tuple(proj.shape)}")
+    tower.set_projection((proj.double() @ right.to(proj.device)).to(proj.dtype))
 
 
 def revert(model, decomposition: dict[int, LayerSVD]):

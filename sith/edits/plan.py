@@ -1,9 +1,12 @@
-"""From an EditSpec to concrete multipliers, plus the dry-run preview of what they would change.
+"""From an EditSpec to a concrete edit, plus the dry-run preview of what it would change.
 
-Planning never touches weights: it ranks the analysed singular vectors for each operation
-(relevance.py), applies the selection rule, resolves conflicts between operations, and reports
-per vector (explanation, relevance, α), per head (spectral energy Σσ² before/after) and per
-concept (how strongly each edited head can still write along the concept's direction; data-free).
+Planning never touches weights. Per operation it resolves the concepts to preserve (explicit +
+dictionary neighbours), picks writers (singular vectors, heads, or the output projection, by
+operator) and strengths, either by the selection rule (expert override) or target-driven: until the
+concept's data-free predicted presence (operators.predicted_presence) reaches the target. The
+preview reports per writer (α, share, explanation, operator), per head (spectral energy),
+the predicted presence of every edited and preserved concept, and warnings (unreachable target,
+a preserved concept predicted to move) before anything is written.
 """
 
 from __future__ import annotations
@@ -15,17 +18,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sith.edits.multipliers import Multipliers
+from sith.edits.multipliers import Multipliers, WriteMap
+from sith.edits.operators import Geometry, predicted_presence, preserving_pair, solve_uniform_alpha
 from sith.edits.relevance import DictionaryJudge, Judge, VectorSet, select
-from sith.edits.spec import EditSpec
+from sith.edits.spec import MAX_ABS_STRENGTH, EditSpec, Operation, default_strength, top_n
 from sith.engine.decomposition import LayerSVD, resolve_layers
 from sith.engine.errors import InvalidInput
 
 EXPLANATION_K = 5
+# Neighbours rule (see ``neighbours``).
+NEIGHBOURS_K = 8
+NEIGHBOUR_MIN_COSINE = 0.3
+SYNONYM_COSINE = 0.85
+# λ of head_project / output_projection (operators.preserving_pair), chosen on validation seeds
+# (experiments/frontier.py).
+DEFAULT_PRESERVE_WEIGHT = 1.0
+# A preserved concept whose predicted presence moves by more than this is reported in the warnings.
+PRESERVE_WARNING = 0.10
 
 
 @dataclass
 class AffectedVector:
+    """One changed writer. sith_scale/head_ablation: a singular vector (σ, α on it). head_project:
+    a head (index −1; sigma and relevance = the head's share of the concept's write capacity; α =
+    the factor on the concept's component). output_projection: visual.proj (layer = head = −1)."""
+
     layer: int
     head: int
     index: int
@@ -34,11 +51,25 @@ class AffectedVector:
     relevance: float
     operation: int
     concepts: list[tuple[str, float]]
+    operator: str = "sith_scale"
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "head": self.head, "index": self.index, "sigma": self.sigma,
                 "alpha": self.alpha, "relevance": self.relevance, "operation": self.operation,
-                "concepts": [[c, w] for c, w in self.concepts]}
+                "concepts": [[c, w] for c, w in self.concepts], "operator": self.operator}
+
+
+@dataclass
+class ConceptEffect:
+    """Data-free predicted presence of a concept (operators.predicted_presence) before and after."""
+
+    concept: str
+    role: str  # "target" | "preserve"
+    before: float
+    after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concept": self.concept, "role": self.role, "before": self.before, "after": self.after}
 
 
 @dataclass
@@ -93,6 +124,8 @@ class EditPlan:
     concept_alignment: list[ConceptAlignment]
     decomposition: dict[int, LayerSVD] = field(repr=False, default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    predicted: list[ConceptEffect] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +136,8 @@ class EditPlan:
             "heads": [h.to_dict() for h in self.heads],
             "concept_alignment": [c.to_dict() for c in self.concept_alignment],
             "notes": list(self.notes),
+            "predicted": [e.to_dict() for e in self.predicted],
+            "warnings": list(self.warnings),
         }
 
     def manifest(self) -> dict[str, Any]:
@@ -114,6 +149,8 @@ class EditPlan:
             "judge": self.judge,
             "affected": [a.to_dict() for a in self.affected],
             "heads": [h.to_dict() for h in self.heads],
+            "predicted": [e.to_dict() for e in self.predicted],
+            "warnings": list(self.warnings),
             "multipliers": self.multipliers.to_manifest(),
         }
 
@@ -147,10 +184,16 @@ def vector_set(decomposition: dict[int, LayerSVD], targets: dict[int, Tensor], c
 
 
 def operation_layers(info, spec: EditSpec) -> list[list[int]]:
+    """Each operation's layers. Default: every layer for the target-driven and head operators (the
+    concept is usually written across the tower), the last four for sith_scale with an explicit
+    rule (the paper's setting)."""
     out = []
     for i, op in enumerate(spec.operations):
+        layers = op.layers
+        if layers is None and (op.operator != "sith_scale" or op.select.rule == "auto"):
+            layers = list(range(info.layers))
         try:
-            out.append(resolve_layers(info, op.layers))
+            out.append(resolve_layers(info, layers))
         except InvalidInput as exc:
             raise InvalidInput(f"operations[{i}].layers", exc.reason) from None
     return out
@@ -166,63 +209,400 @@ def _concept_directions(joint, dictionary, concepts: Sequence[str]) -> Tensor:
     return joint.inverse(dictionary.centred[rows].float()).double().cpu()
 
 
+def _known(dictionary, concepts: Sequence[str], field: str) -> None:
+    """Unknown names fail with the closest dictionary entries as suggestions."""
+    for j, concept in enumerate(concepts):
+        try:
+            dictionary.index(concept)
+        except InvalidInput as exc:
+            suggestions = exc.suggestions or dictionary.closest(concept, 5)
+            raise InvalidInput(f"{field}[{j}]", f"unknown concept {concept!r}: not in the dictionary",
+                               suggestions=suggestions) from None
+
+
+def neighbours(dictionary, concept: str, k: int = NEIGHBOURS_K) -> list[str]:
+    """The dictionary neighbours a plan preserves by default (docs/edits.md, "Preservation").
+
+    1. A concept that names a value of a known factor (the world factors: colours, shapes,
+       backgrounds, textures, sizes, positions, counts) -> the other values of that factor that are
+       in the dictionary;
+    2. otherwise the ``k`` concepts nearest by centred cosine, if at least NEIGHBOUR_MIN_COSINE.
+    Near-synonyms (centred cosine >= SYNONYM_COSINE, e.g. a plural) are never preserved: they are
+    the same concept to the model.
+    """
+    from sith.testbed.vocabulary import testbed_categories
+
+    centred = dictionary.centred.double()
+    own = centred[dictionary.index(concept)]
+    sims = centred @ own
+    known = set(dictionary.concepts)
+    out: list[str] = []
+    for factor, words in testbed_categories().items():
+        if factor != "group" and concept in words:
+            out = [w for w in words if w != concept and w in known]
+            break
+    if not out:
+        order = torch.argsort(-sims, stable=True).tolist()
+        out = [dictionary.concepts[i] for i in order
+               if dictionary.concepts[i] != concept and float(sims[i]) >= NEIGHBOUR_MIN_COSINE][:k]
+    return [w for w in out if float(sims[dictionary.index(w)]) < SYNONYM_COSINE]
+
+
+def preserved_concepts(spec: EditSpec, i: int, dictionary) -> list[str]:
+    """Explicit ``preserve`` plus, unless turned off, the neighbours of the operation's concepts,
+    minus every concept some operation of the spec edits."""
+    op = spec.operations[i]
+    _known(dictionary, op.concepts, f"operations[{i}].concepts")
+    _known(dictionary, op.preserve, f"operations[{i}].preserve")
+    edited = {c for o in spec.operations for c in o.concepts}
+    out = list(op.preserve)
+    if op.preserve_neighbours:
+        for concept in op.concepts:
+            out.extend(neighbours(dictionary, concept))
+    return [c for c in dict.fromkeys(out) if c not in edited]
+
+
+def _meets(action: str, presence: float, target: float) -> bool:
+    return presence <= target + 1e-9 if action in ("suppress", "flip") else presence >= target - 1e-9
+
+
+class _Planner:
+    """Turns each operation into α entries and write maps on one shared Multipliers."""
+
+    def __init__(self, spec: EditSpec, decomposition, vectors: VectorSet | None, layers_per_op, joint, dictionary,
+                 judge: Judge, geometry: Geometry, preserve_weight: float) -> None:
+        self.spec, self.decomposition, self.vectors = spec, decomposition, vectors
+        self.layers_per_op, self.joint, self.dictionary, self.judge = layers_per_op, joint, dictionary, judge
+        self.geometry, self.preserve_weight = geometry, preserve_weight
+        self.values = {layer: torch.ones_like(svd.S, dtype=torch.float32).cpu() for layer, svd in decomposition.items()}
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.maps: list[WriteMap] = []
+        self.owner: dict[tuple[int, int, int], int] = {}
+        self.affected: dict[tuple, AffectedVector] = {}
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+
+    # ------------------------------------------------------------------ shared helpers
+
+    def multipliers(self, model_hash: str | None = None) -> Multipliers:
+        return Multipliers(self.values, model_hash, self.pairs, self.maps)
+
+    def presence(self, concepts: Sequence[str], extra_values=None, extra_maps=None) -> dict[str, float]:
+        values = self.values if extra_values is None else extra_values
+        maps = self.maps + (extra_maps or [])
+        return predicted_presence(self.geometry, Multipliers(values, None, self.pairs, maps), concepts)
+
+    def _claim(self, i: int, key: tuple[int, int, int], alpha: float, relevance: float, operator: str,
+               explanation: list) -> None:
+        if key in self.owner:
+            prev = self.spec.operations[self.owner[key]]
+            op = self.spec.operations[i]
+            layer, head, index = key
+            if self.spec.conflicts == "reject":
+                raise InvalidInput(f"operations[{i}]", f"conflict: layer {layer} head {head} vector {index} is "
+                                   f"selected by operations[{self.owner[key]}] ({prev.action} {prev.concepts}) and "
+                                   f"by operations[{i}] ({op.action} {op.concepts}); narrow a selection or set "
+                                   "conflicts='last_wins'")
+            self.notes.append(f"layer {layer} head {head} vector {index}: operations[{i}] overrides "
+                              f"operations[{self.owner[key]}] (last_wins)")
+        self.owner[key] = i
+        self.values[key[0]][key[1], key[2]] = alpha
+        svd = self.decomposition[key[0]]
+        self.affected[("v", *key)] = AffectedVector(*key, float(svd.S[key[1], key[2]]), alpha, relevance, i,
+                                                    explanation, operator)
+
+    def _heads(self, i: int) -> list[tuple[int, int]]:
+        heads = self.decomposition[next(iter(self.decomposition))].S.shape[0]
+        return [(layer, h) for layer in self.layers_per_op[i] for h in range(heads)]
+
+    def _unreachable(self, i: int, op: Operation, best: float, why: str) -> None:
+        self.warnings.append(f"operations[{i}]: target presence {op.target:g} for {op.concepts} is not reachable "
+                             f"with {op.operator} ({why}); the plan goes as far as it can: predicted "
+                             f"{best:.3f}. Try more layers or another operator")
+
+    def _strength(self, op: Operation) -> float:
+        if op.strength is not None:
+            return float(op.strength)
+        value = default_strength(op.action)
+        return 1.0 if value is None else float(value)
+
+    # ------------------------------------------------------------------ operators
+
+    def plan(self, i: int, op: Operation, preserve: list[str]) -> None:
+        if op.operator == "sith_scale":
+            self._sith_scale(i, op, preserve)
+        elif op.operator == "head_ablation":
+            self._head_ablation(i, op, preserve)
+        elif op.operator == "head_project":
+            self._head_project(i, op, preserve)
+        else:
+            self._output_projection(i, op, preserve)
+
+    def _pair(self, u: Tensor, keep: list[Tensor]) -> int:
+        stacked = torch.stack(keep, dim=1) if keep else None
+        self.pairs.append(preserving_pair(u, stacked, self.preserve_weight))
+        return len(self.pairs) - 1
+
+    def _keep_directions(self, op: Operation, concept: str, preserve: list[str], joint_space: bool) -> list[Tensor]:
+        """Preserved concepts' directions, plus the operation's other concepts (so that one concept's
+        map does not undo another's)."""
+        direction = self.geometry.joint_direction if joint_space else self.geometry.residual_direction
+        return [direction(c) for c in [*preserve, *[c for c in op.concepts if c != concept]]]
+
+    def _head_project(self, i: int, op: Operation, preserve: list[str]) -> None:
+        candidates = self._heads(i)
+        for concept in op.concepts:
+            u = self.geometry.residual_direction(concept)
+            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=False))
+            share = self.geometry.head_share(u)
+            ranked = sorted(candidates, key=lambda lh: (-share[lh], lh))
+            ranked = [lh for lh in ranked if share[lh] > 0]
+            chosen, alpha = self._writers_and_alpha(i, op, ranked, share)
+            if not chosen:
+                continue
+            for layer, head in chosen:
+                self.maps.append(WriteMap("head", layer, head, pair, alpha))
+                self.affected[("h", layer, head, len(self.maps))] = AffectedVector(
+                    layer, head, -1, share[(layer, head)], alpha, share[(layer, head)], i, [(concept, 1.0)],
+                    "head_project")
+
+    def _writers_and_alpha(self, i: int, op: Operation, ranked: list[tuple[int, int]],
+                           share: dict) -> tuple[list[tuple[int, int]], float]:
+        """Head writers and the factor α they apply along ĝ. presence = 1 − (1 − α)·S(writers)."""
+        rule = op.select.rule
+        if rule == "top_n":
+            chosen = ranked[: op.select.n]
+        elif rule == "threshold":
+            chosen = [lh for lh in ranked if share[lh] >= op.select.threshold]
+            if not chosen:
+                raise InvalidInput(f"operations[{i}].select.threshold", f"no head writes a share >= "
+                                   f"{op.select.threshold:g} of {op.concepts}'s direction (the best writes "
+                                   f"{share[ranked[0]]:.3f} if any); nothing was changed")
+        elif rule == "explicit":
+            chosen = list(dict.fromkeys((layer, head) for layer, head, _ in op.select.vectors))
+            for j, (layer, head) in enumerate(chosen):
+                if (layer, head) not in share or layer not in self.layers_per_op[i]:
+                    raise InvalidInput(f"operations[{i}].select.vectors[{j}]", f"layer {layer} head {head} is not "
+                                       "a head of this operation's layers")
+        else:
+            chosen = None
+        if not ranked and chosen is None:
+            raise InvalidInput(f"operations[{i}]", f"no head of layers {self.layers_per_op[i]} writes along "
+                               f"{op.concepts}; nothing would change")
+        if chosen is not None and op.target is None:  # expert override: fixed writers and α
+            return chosen, self._strength(op)
+        target = float(op.target)
+        if chosen is not None or op.strength is None:
+            writers = chosen if chosen is not None else ranked
+            covered = sum(share[lh] for lh in writers)
+            alpha = solve_uniform_alpha(covered, target)
+            best = 1.0 - (1.0 - _limit(op.action)) * covered
+            if not _in_range(op.action, alpha):
+                alpha = _limit(op.action)
+                self._unreachable(i, op, best, f"its writers cover {covered:.2f} of the concept's write capacity")
+            return writers, alpha
+        alpha = float(op.strength)  # auto writers, fixed α: add heads until the target is met
+        chosen, covered = [], 0.0
+        for lh in ranked:
+            chosen.append(lh)
+            covered += share[lh]
+            if _meets(op.action, 1.0 - (1.0 - alpha) * covered, target):
+                return chosen, alpha
+        self._unreachable(i, op, 1.0 - (1.0 - alpha) * covered, f"all heads at α = {alpha:g}")
+        return chosen, alpha
+
+    def _head_ablation(self, i: int, op: Operation, preserve: list[str]) -> None:
+        if op.action != "suppress":
+            raise InvalidInput(f"operations[{i}].operator", "head_ablation only suppresses (it zeroes whole heads)")
+        heads = self._heads(i)
+        gs = [self.geometry.residual_direction(c) for c in op.concepts]
+        shares = [self.geometry.head_share(g) for g in gs]
+        kept = [self.geometry.head_share(self.geometry.residual_direction(c)) for c in preserve]
+        score = {lh: sum(s[lh] for s in shares) / len(shares) - (max(k[lh] for k in kept) if kept else 0.0)
+                 for lh in heads}
+        ranked = sorted(heads, key=lambda lh: (-score[lh], lh))
+        rule = op.select.rule
+        if rule == "top_n":
+            chosen = ranked[: op.select.n]
+        elif rule == "threshold":
+            chosen = [lh for lh in ranked if score[lh] >= op.select.threshold]
+        elif rule == "explicit":
+            chosen = list(dict.fromkeys((layer, head) for layer, head, _ in op.select.vectors))
+        else:
+            chosen = []
+            target = float(op.target)
+            for lh in ranked:
+                chosen.append(lh)
+                presence = self._presence_with_heads(op.concepts, chosen)
+                if max(presence.values()) <= target + 1e-9:
+                    break
+            else:
+                self._unreachable(i, op, max(self._presence_with_heads(op.concepts, chosen).values()),
+                                  "every head of the layers ablated")
+        if not chosen:
+            raise InvalidInput(f"operations[{i}].select", f"no head selected for {op.concepts}")
+        rank = self.decomposition[chosen[0][0]].S.shape[1]
+        for layer, head in chosen:
+            for j in range(rank):
+                self._claim(i, (layer, head, j), 0.0, score[(layer, head)], "head_ablation", [])
+
+    def _presence_with_heads(self, concepts, heads) -> dict[str, float]:
+        values = {layer: alpha.clone() for layer, alpha in self.values.items()}
+        for layer, head in heads:
+            values[layer][head] = 0.0
+        return self.presence(concepts, values)
+
+    def _output_projection(self, i: int, op: Operation, preserve: list[str]) -> None:
+        if op.select.rule != "auto":
+            raise InvalidInput(f"operations[{i}].select", "output_projection edits one writer (visual.proj); "
+                               "it takes the auto rule only")
+        alpha = float(op.target) if op.target is not None else self._strength(op)
+        for concept in op.concepts:
+            u = self.geometry.joint_direction(concept)
+            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=True))
+            self.maps.append(WriteMap("output", -1, -1, pair, alpha))
+            self.affected[("o", len(self.maps))] = AffectedVector(-1, -1, -1, 1.0, alpha, 1.0, i, [(concept, 1.0)],
+                                                                  "output_projection")
+
+    def _sith_scale(self, i: int, op: Operation, preserve: list[str]) -> None:
+        vectors = self.vectors
+        if vectors is None:
+            raise InvalidInput("vectors", "sith_scale needs the analysed singular vectors")
+        layer_of = torch.tensor([k[0] for k in vectors.keys])
+        allowed = torch.isin(layer_of, torch.tensor(self.layers_per_op[i]))
+        explanation = vectors.explanations
+        if op.select.rule != "auto" or op.target is None:
+            relevance = self.judge.score(vectors, op.concepts)
+            if relevance.shape != (len(vectors),) or not torch.isfinite(relevance).all():
+                raise InvalidInput("judge", f"{self.judge.name} returned invalid scores for operations[{i}]")
+            selection = op.select if op.select.rule != "auto" else top_n()
+            chosen = select(selection, vectors, relevance, allowed, f"operations[{i}]", op.concepts)
+            if op.target is None:
+                for pos in chosen:
+                    self._claim(i, vectors.keys[pos], self._strength(op), float(relevance[pos]), "sith_scale",
+                                explanation[pos])
+                return
+            contribution = self._contributions(op.concepts)
+            covered = float(sum(contribution[pos] for pos in chosen))
+            alpha = solve_uniform_alpha(covered, float(op.target))
+            if not _in_range(op.action, alpha):
+                alpha = _limit(op.action)
+                self._unreachable(i, op, 1.0 - (1.0 - alpha) * covered,
+                                  f"the selected vectors carry {covered:.2f} of the concept's write capacity")
+            for pos in chosen:
+                self._claim(i, vectors.keys[pos], alpha, float(relevance[pos]), "sith_scale", explanation[pos])
+            return
+        # auto: vectors by what they write along the concept minus what they write along preserved ones
+        contribution = self._contributions(op.concepts)
+        cost = self._contributions(preserve, reduce="max") if preserve else torch.zeros_like(contribution)
+        score = torch.where(allowed, contribution - cost, torch.full_like(contribution, -float("inf")))
+        order = [p for p in torch.argsort(-score, stable=True).tolist() if bool(allowed[p]) and contribution[p] > 0]
+        alpha = self._strength(op)
+        target = float(op.target)
+        covered = 0.0
+        for pos in order:
+            self._claim(i, vectors.keys[pos], alpha, float(score[pos]), "sith_scale", explanation[pos])
+            covered += float(contribution[pos])
+            if _meets(op.action, 1.0 - (1.0 - alpha) * covered, target):
+                return
+        self._unreachable(i, op, 1.0 - (1.0 - alpha) * covered, "every vector of the layers selected")
+
+    def _contributions(self, concepts: Sequence[str], reduce: str = "mean") -> Tensor:
+        """Per candidate vector: its share of each concept's write capacity, (σ_j v_jᵀĝ)² / Σ (whole tower)."""
+        rows = []
+        for concept in concepts:
+            coords = self.geometry.head_coords(self.geometry.residual_direction(concept))
+            total = sum(float((c**2).sum()) for c in coords.values()) or 1.0
+            rows.append(torch.tensor([float(coords[layer][h, j] ** 2) / total if layer in coords else 0.0
+                                      for layer, h, j in self.vectors.keys], dtype=torch.float64))
+        stacked = torch.stack(rows)
+        return stacked.max(dim=0).values if reduce == "max" else stacked.mean(dim=0)
+
+
+def _limit(action: str) -> float:
+    """The furthest α an operator may go for an action (suppress: remove; flip/amplify: the bound)."""
+    return {"suppress": 0.0, "flip": -MAX_ABS_STRENGTH, "amplify": MAX_ABS_STRENGTH}.get(action, 1.0)
+
+
+def _in_range(action: str, alpha: float) -> bool:
+    if action == "suppress":
+        return 0.0 <= alpha < 1.0
+    if action == "amplify":
+        return 1.0 < alpha <= MAX_ABS_STRENGTH
+    if action == "flip":
+        return -MAX_ABS_STRENGTH <= alpha < 0.0
+    return True
+
+
 def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decomposition: dict[int, LayerSVD],
-                      vectors: VectorSet, layers_per_op: list[list[int]], joint, dictionary,
-                      judge: Judge | None = None) -> EditPlan:
-    """Select vectors for every operation, resolve conflicts, build multipliers and the preview."""
+                      vectors: VectorSet | None, layers_per_op: list[list[int]], joint, dictionary,
+                      judge: Judge | None = None, *, tower: dict[int, LayerSVD] | None = None,
+                      preserve_weight: float = DEFAULT_PRESERVE_WEIGHT) -> EditPlan:
+    """Plan every operation, resolve conflicts, build the edit and the preview.
+
+    ``tower`` is the decomposition of every layer (predicted presence sums over the whole tower);
+    it defaults to ``decomposition``."""
     spec.validate()
     judge = judge or DictionaryJudge(dictionary)
-    layer_of = torch.tensor([k[0] for k in vectors.keys])
-    owner: dict[int, int] = {}  # vector position -> operation index
-    alpha_of: dict[int, float] = {}
-    relevance_of: dict[int, float] = {}
-    notes: list[str] = []
+    geometry = Geometry(joint, dictionary, tower or decomposition)
+    planner = _Planner(spec, decomposition, vectors, layers_per_op, joint, dictionary, judge, geometry,
+                       preserve_weight)
+    preserved: list[list[str]] = []
     for i, op in enumerate(spec.operations):
-        field_name = f"operations[{i}]"
-        if isinstance(judge, DictionaryJudge):
-            judge.concept_rows(op.concepts, f"{field_name}.concepts")  # unknown names → suggestions
-        relevance = judge.score(vectors, op.concepts)
-        if relevance.shape != (len(vectors),) or not torch.isfinite(relevance).all():
-            raise InvalidInput("judge", f"{judge.name} returned invalid scores for {field_name}")
-        allowed = torch.isin(layer_of, torch.tensor(layers_per_op[i]))
-        for pos in select(op.select, vectors, relevance, allowed, field_name, op.concepts):
-            if pos in owner:
-                prev = spec.operations[owner[pos]]
-                layer, head, index = vectors.keys[pos]
-                if spec.conflicts == "reject":
-                    raise InvalidInput(field_name, f"conflict: layer {layer} head {head} vector {index} is selected "
-                                       f"by operations[{owner[pos]}] ({prev.action} {prev.concepts}) and by "
-                                       f"{field_name} ({op.action} {op.concepts}); narrow a selection or set "
-                                       "conflicts='last_wins'")
-                notes.append(f"layer {layer} head {head} vector {index}: {field_name} overrides "
-                             f"operations[{owner[pos]}] (last_wins)")
-            owner[pos] = i
-            alpha_of[pos] = float(op.strength)
-            relevance_of[pos] = float(relevance[pos])
-
-    values = {layer: torch.ones_like(svd.S, dtype=torch.float32).cpu() for layer, svd in decomposition.items()}
-    affected = []
-    for pos in sorted(owner, key=lambda p: vectors.keys[p]):
-        layer, head, index = vectors.keys[pos]
-        values[layer][head, index] = alpha_of[pos]
-        affected.append(AffectedVector(layer, head, index, float(vectors.sigma[pos]), alpha_of[pos],
-                                       relevance_of[pos], owner[pos], vectors.explanations[pos]))
-    multipliers = Multipliers(values, model_hash)
+        if isinstance(judge, DictionaryJudge) or op.operator != "sith_scale":
+            preserved.append(preserved_concepts(spec, i, dictionary))
+        else:
+            preserved.append([])
+        planner.plan(i, op, preserved[i])
+    multipliers = planner.multipliers(model_hash)
+    affected = sorted(planner.affected.values(), key=lambda a: (a.operation, a.layer, a.head, a.index))
+    predicted, warnings = _predicted(spec, geometry, multipliers, preserved, dictionary, planner.warnings)
     heads = _head_changes(decomposition, multipliers, affected)
     alignment = _alignment(spec, decomposition, multipliers, heads, joint, dictionary)
     return EditPlan(spec, model_name, model_hash, judge.name, multipliers, affected, heads, alignment,
-                    decomposition, notes)
+                    decomposition, planner.notes, predicted, planner.warnings + warnings)
+
+
+def _predicted(spec, geometry, multipliers, preserved, dictionary,
+               planned: list[str]) -> tuple[list[ConceptEffect], list[str]]:
+    """The preview's predicted presences, and the warnings the planner has not already given."""
+    known = set(dictionary.concepts)
+    targets = [c for op in spec.operations for c in op.concepts if c in known]
+    keep = [c for p in preserved for c in p if c not in targets]
+    names = list(dict.fromkeys(targets + keep))
+    after = predicted_presence(geometry, multipliers, names)
+    effects = [ConceptEffect(c, "target", 1.0, after[c]) for c in dict.fromkeys(targets)]
+    effects += [ConceptEffect(c, "preserve", 1.0, after[c]) for c in dict.fromkeys(keep)]
+    warnings = [f"preserved concept {e.concept!r} is predicted to change: presence {e.after:.3f} (1 = untouched)"
+                for e in effects if e.role == "preserve" and abs(e.after - 1.0) > PRESERVE_WARNING]
+    for i, op in enumerate(spec.operations):
+        if op.target is not None:
+            for c in op.concepts:
+                if c in after and not _meets(op.action, after[c], op.target) and not any(
+                        f"operations[{i}]" in w for w in planned + warnings):
+                    warnings.append(f"operations[{i}]: {c!r} is predicted at presence {after[c]:.3f}, short of the "
+                                    f"target {op.target:g}")
+    return effects, warnings
+
+
+def _edited_write(decomposition, multipliers: Multipliers, layer: int, head: int) -> Tensor:
+    """diag(α σ) Vᵀ T of one head [r, d] (its write map up to the orthonormal U)."""
+    svd = decomposition[layer]
+    s, v = svd.S[head].double().cpu(), svd.V[head].double().cpu()
+    rows = (multipliers.values[layer][head].double() * s)[:, None] * v.T
+    return multipliers.map_rows(rows, "head", layer, head)
 
 
 def _head_changes(decomposition, multipliers: Multipliers, affected: list[AffectedVector]) -> list[HeadChange]:
     counts: dict[tuple[int, int], int] = {}
     for a in affected:
-        counts[(a.layer, a.head)] = counts.get((a.layer, a.head), 0) + 1
+        if a.layer >= 0:
+            counts[(a.layer, a.head)] = counts.get((a.layer, a.head), 0) + 1
     out = []
     for (layer, head), n in sorted(counts.items()):
         s = decomposition[layer].S[head].double().cpu()
-        alpha = multipliers.values[layer][head].double()
-        out.append(HeadChange(layer, head, n, float((s**2).sum()), float(((alpha * s) ** 2).sum())))
+        after = _edited_write(decomposition, multipliers, layer, head)
+        out.append(HeadChange(layer, head, n, float((s**2).sum()), float((after**2).sum())))
     return out
 
 
@@ -238,30 +618,38 @@ def _alignment(spec, decomposition, multipliers, heads: list[HeadChange], joint,
             svd = decomposition[change.layer]
             v = svd.V[change.head].double().cpu()  # [d, r]
             s = svd.S[change.head].double().cpu()
-            alpha = multipliers.values[change.layer][change.head].double()
-            coords = directions @ v  # [C, r]
-            before = (coords * s).norm(dim=-1)
-            after = (coords * s * alpha).norm(dim=-1)
+            before = ((directions @ v) * s).norm(dim=-1)
+            after = (directions @ _edited_write(decomposition, multipliers, change.layer, change.head).T).norm(dim=-1)
             for c, concept in enumerate(concepts):
                 out.append(ConceptAlignment(concept, i, change.layer, change.head, float(before[c]), float(after[c])))
     return out
 
 
 def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: str = "comp",
-              k: int = EXPLANATION_K, coherence: float | None = None) -> EditPlan:
-    """Plan ``spec`` on the analyzer's model: decomposition, COMP codes, selection, preview.
+              k: int = EXPLANATION_K, coherence: float | None = None,
+              preserve_weight: float = DEFAULT_PRESERVE_WEIGHT) -> EditPlan:
+    """Plan ``spec`` on the analyzer's model: decomposition, COMP codes (for sith_scale),
+    selection, preview.
 
-    Uses the analyzer's memoised (and cached) SVDs, joint-space targets and codes of every vector
-    of the operations' layers, so a preview after an `explain` costs only the ranking.
+    Uses the analyzer's memoised (and cached) SVDs, joint-space targets and codes, so a preview
+    after an `explain` costs only the ranking. The SVD of every layer is needed for the predicted
+    presence (a few small per-head SVDs); COMP codes only for the layers of sith_scale operations.
     """
     spec.validate()
     loaded = analyzer.loaded
     layers_per_op = operation_layers(loaded.info, spec)
     layers = sorted({layer for layers in layers_per_op for layer in layers})
     decomposition = analyzer.decomposition(layers)
-    extra = {} if coherence is None else {"coherence": coherence}
-    codes = {layer: analyzer.codes(layer, method, k, **extra) for layer in layers}
-    targets = {layer: analyzer.targets(layer) for layer in layers}
-    vectors = vector_set(decomposition, targets, codes, analyzer.dictionary)
+    tower = analyzer.decomposition(list(range(loaded.info.layers)))
+    coded = sorted({layer for op, ls in zip(spec.operations, layers_per_op) if op.operator == "sith_scale"
+                    for layer in ls})
+    vectors = None
+    if coded:
+        extra = {} if coherence is None else {"coherence": coherence}
+        sub = {layer: decomposition[layer] for layer in coded}
+        codes = {layer: analyzer.codes(layer, method, k, **extra) for layer in coded}
+        targets = {layer: analyzer.targets(layer) for layer in coded}
+        vectors = vector_set(sub, targets, codes, analyzer.dictionary)
     return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors, layers_per_op,
-                             analyzer.joint, analyzer.dictionary, judge)
+                             analyzer.joint, analyzer.dictionary, judge, tower=tower,
+                             preserve_weight=preserve_weight)

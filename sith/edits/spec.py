@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sith.edits.operators import resolve_operator
 from sith.engine.errors import InvalidInput
 
 SPEC_VERSION = 1
 ACTIONS = ("suppress", "amplify", "flip", "scale")
-RULES = ("top_n", "threshold", "explicit")
+RULES = ("auto", "top_n", "threshold", "explicit")
 CONFLICT_RULES = ("reject", "last_wins")
 # |α| above this stops being an "edit" and starts dominating the residual stream; the bound also
 # keeps a typo (strength 100) from silently wrecking a checkpoint.
@@ -24,9 +25,15 @@ MAX_ABS_STRENGTH = 10.0
 DEFAULT_AMPLIFY = 1.5
 DEFAULT_TOP_N = 8
 MAX_TOP_N = 100_000
+# Default goals of a target-driven operation (predicted presence, operators.predicted_presence).
+# The suppress level was chosen on validation seeds so that the default command removes the
+# concept on the testbed (experiments/frontier.py; docs/edits.md "Frontier").
+DEFAULT_SUPPRESS_TARGET = 0.15
+DEFAULT_FLIP_TARGET = -1.0
+MAX_PRESERVE = 256
 
 Action = Literal["suppress", "amplify", "flip", "scale"]
-Rule = Literal["top_n", "threshold", "explicit"]
+Rule = Literal["auto", "top_n", "threshold", "explicit"]
 
 
 def _int(value: Any, field_name: str) -> int:
@@ -54,7 +61,7 @@ def _known_keys(d: dict, allowed: set[str], field_name: str) -> None:
 class Selection:
     """Which singular vectors an operation touches, after ranking them by relevance."""
 
-    rule: Rule = "top_n"
+    rule: Rule = "auto"
     n: int | None = None
     threshold: float | None = None
     vectors: list[tuple[int, int, int]] | None = None  # explicit (layer, head, index)
@@ -62,7 +69,10 @@ class Selection:
     def validate(self, field_name: str) -> None:
         if self.rule not in RULES:
             raise InvalidInput(f"{field_name}.rule", f"unknown rule {self.rule!r}; use one of {list(RULES)}")
-        if self.rule == "top_n":
+        if self.rule == "auto":
+            if self.n is not None or self.threshold is not None or self.vectors:
+                raise InvalidInput(field_name, "the auto rule takes no n, threshold or vectors")
+        elif self.rule == "top_n":
             n = _int(self.n if self.n is not None else DEFAULT_TOP_N, f"{field_name}.n")
             if not 1 <= n <= MAX_TOP_N:
                 raise InvalidInput(f"{field_name}.n", f"must be between 1 and {MAX_TOP_N}, got {n}")
@@ -85,6 +95,8 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"rule": self.rule}
+        if self.rule == "auto":
+            return d
         if self.rule == "top_n":
             d["n"] = self.n
         elif self.rule == "threshold":
@@ -98,9 +110,13 @@ class Selection:
         if not isinstance(d, dict):
             raise InvalidInput(field_name, f"expected an object, got {type(d).__name__}")
         _known_keys(d, {"rule", "n", "threshold", "vectors"}, field_name)
-        sel = cls(rule=d.get("rule", "top_n"), n=d.get("n"), threshold=d.get("threshold"), vectors=d.get("vectors"))
+        sel = cls(rule=d.get("rule", "auto"), n=d.get("n"), threshold=d.get("threshold"), vectors=d.get("vectors"))
         sel.validate(field_name)
         return sel
+
+
+def auto() -> Selection:
+    return Selection(rule="auto")
 
 
 def top_n(n: int = DEFAULT_TOP_N) -> Selection:
@@ -121,17 +137,34 @@ def default_strength(action: str) -> float | None:
 
 @dataclass
 class Operation:
-    """One action on the vectors relevant to one or several named concepts.
+    """One action on one or several named concepts.
 
-    α (``strength``) multiplies the selected singular values: suppress ∈ [0, 1) (default 0),
-    amplify > 1 (default 1.5), flip < 0 (default −1), scale any value; always |α| ≤ 10.
+    ``operator`` says how the model is changed (operators.py; "auto" = the default operator).
+    α (``strength``) is what the operator multiplies: the selected singular values (sith_scale,
+    head_ablation) or the concept's component of the selected writers (head_project,
+    output_projection): suppress ∈ [0, 1), amplify > 1, flip < 0, scale any value; |α| ≤ 10.
+
+    Target-driven (``select.rule == "auto"``, or an explicit rule with a ``target``): the planner
+    picks writers and/or solves α until the concept's predicted presence reaches ``target``
+    (suppress: a level in [0, 1), default 0.15; amplify: a factor > 1, default the strength or 1.5;
+    flip: a level < 0, default −1). With an explicit rule and no target, α defaults as before
+    (suppress 0, amplify 1.5, flip −1): the expert override. ``preserve`` names concepts the plan
+    must not move; ``preserve_neighbours`` adds the concepts' dictionary neighbours (plan.py).
     """
 
     concepts: list[str]
     action: Action = "suppress"
     strength: float | None = None
     layers: list[int] | None = None
-    select: Selection = field(default_factory=top_n)
+    select: Selection = field(default_factory=auto)
+    operator: str = "auto"
+    target: float | None = None
+    preserve: list[str] = field(default_factory=list)
+    preserve_neighbours: bool = True
+
+    @property
+    def target_driven(self) -> bool:
+        return self.target is not None
 
     def validate(self, field_name: str) -> None:
         if not isinstance(self.concepts, list) or not self.concepts:
@@ -142,14 +175,72 @@ class Operation:
         self.concepts = [c.strip() for c in self.concepts]
         if self.action not in ACTIONS:
             raise InvalidInput(f"{field_name}.action", f"unknown action {self.action!r}; use one of {list(ACTIONS)}")
-        self.strength = self._checked_strength(f"{field_name}.strength")
+        self.operator = resolve_operator(self.operator, f"{field_name}.operator")
+        if not isinstance(self.select, Selection):
+            raise InvalidInput(f"{field_name}.select", "expected a Selection")
+        self._check_preserve(field_name)
+        explicit_strength = self.strength is not None
+        if self.strength is not None or self.action == "scale" or self.select.rule != "auto" and self.target is None:
+            self.strength = self._checked_strength(f"{field_name}.strength")
+        if self.target is not None:
+            if explicit_strength and self.select.rule != "auto":
+                raise InvalidInput(f"{field_name}.target", "contradictory goals: a target needs the planner to choose "
+                                   "the writers (select.rule 'auto') or the strength (leave strength unset); this "
+                                   "operation fixes both")
+            self.target = self._checked_target(f"{field_name}.target")
+        elif self.select.rule == "auto":
+            self.target = self._default_target(f"{field_name}.target")
         if self.layers is not None:
             if not isinstance(self.layers, list) or not self.layers:
                 raise InvalidInput(f"{field_name}.layers", "expected a non-empty list of layer indices")
             self.layers = [_int(x, f"{field_name}.layers[{i}]") for i, x in enumerate(self.layers)]
-        if not isinstance(self.select, Selection):
-            raise InvalidInput(f"{field_name}.select", "expected a Selection")
         self.select.validate(f"{field_name}.select")
+
+    def _check_preserve(self, field_name: str) -> None:
+        if not isinstance(self.preserve_neighbours, bool):
+            raise InvalidInput(f"{field_name}.preserve_neighbours",
+                               f"expected true or false, got {self.preserve_neighbours!r}")
+        if isinstance(self.preserve, str):
+            self.preserve = [self.preserve]
+        if not isinstance(self.preserve, list):
+            raise InvalidInput(f"{field_name}.preserve", "expected a list of concept names")
+        if len(self.preserve) > MAX_PRESERVE:
+            raise InvalidInput(f"{field_name}.preserve", f"at most {MAX_PRESERVE} concepts, got {len(self.preserve)}")
+        cleaned = []
+        for i, concept in enumerate(self.preserve):
+            if not isinstance(concept, str) or not concept.strip():
+                raise InvalidInput(f"{field_name}.preserve[{i}]", f"expected a non-empty string, got {concept!r}")
+            concept = concept.strip()
+            if concept in self.concepts:
+                raise InvalidInput(f"{field_name}.preserve[{i}]", f"contradictory goals: {concept!r} is both edited "
+                                   f"({self.action}) and preserved by this operation")
+            if concept not in cleaned:
+                cleaned.append(concept)
+        self.preserve = cleaned
+
+    def _default_target(self, field_name: str) -> float | None:
+        if self.action == "suppress":
+            return DEFAULT_SUPPRESS_TARGET if self.strength is None or self.strength == 0 else self.strength
+        if self.action == "amplify":
+            return self.strength if self.strength is not None else DEFAULT_AMPLIFY
+        if self.action == "flip":
+            return self.strength if self.strength is not None else DEFAULT_FLIP_TARGET
+        return None  # scale: no goal, the auto rule falls back to the top-n most relevant vectors
+
+    def _checked_target(self, field_name: str) -> float:
+        value = _finite(self.target, field_name)
+        rules = {
+            "suppress": (0.0 <= value < 1.0, "suppress needs a target presence 0 <= target < 1"),
+            "amplify": (1.0 < value <= MAX_ABS_STRENGTH,
+                        f"amplify needs a target factor 1 < target <= {MAX_ABS_STRENGTH:g}"),
+            "flip": (-MAX_ABS_STRENGTH <= value < 0.0,
+                     "flip needs a negative target presence (-1 mirrors the concept)"),
+            "scale": (False, "scale takes an explicit strength, not a target"),
+        }
+        ok, reason = rules[self.action]
+        if not ok:
+            raise InvalidInput(field_name, f"{reason}, got {value:g}")
+        return value
 
     def _checked_strength(self, field_name: str) -> float:
         if self.strength is None:
@@ -174,24 +265,51 @@ class Operation:
         return {
             "concepts": list(self.concepts),
             "action": self.action,
+            "operator": self.operator,
             "strength": self.strength,
+            "target": self.target,
             "layers": None if self.layers is None else list(self.layers),
             "select": self.select.to_dict(),
+            "preserve": list(self.preserve),
+            "preserve_neighbours": self.preserve_neighbours,
         }
 
     @classmethod
     def from_dict(cls, d: Any, field_name: str = "operation") -> Operation:
         if not isinstance(d, dict):
             raise InvalidInput(field_name, f"expected an object, got {type(d).__name__}")
-        _known_keys(d, {"concepts", "action", "strength", "layers", "select"}, field_name)
+        _known_keys(d, {"concepts", "action", "operator", "strength", "target", "layers", "select", "preserve",
+                        "preserve_neighbours"}, field_name)
         concepts = d.get("concepts")
         if isinstance(concepts, str):
             concepts = [concepts]
-        select = Selection.from_dict(d.get("select", {"rule": "top_n"}), f"{field_name}.select")
+        select = Selection.from_dict(d.get("select", {"rule": "auto"}), f"{field_name}.select")
         op = cls(concepts=concepts, action=d.get("action", "suppress"), strength=d.get("strength"),
-                 layers=d.get("layers"), select=select)
+                 layers=d.get("layers"), select=select, operator=d.get("operator", "auto"), target=d.get("target"),
+                 preserve=d.get("preserve", []), preserve_neighbours=d.get("preserve_neighbours", True))
         op.validate(field_name)
         return op
+
+
+_DIRECTION = {"suppress": "down", "amplify": "up", "flip": "down", "scale": "scale"}
+
+
+def _check_contradictions(operations: list[Operation]) -> None:
+    """One concept may not be pushed two ways, or be edited by one operation and preserved by another."""
+    edited: dict[str, tuple[int, str]] = {}
+    for i, op in enumerate(operations):
+        for j, concept in enumerate(op.concepts):
+            if concept in edited and _DIRECTION[edited[concept][1]] != _DIRECTION[op.action]:
+                k, action = edited[concept]
+                raise InvalidInput(f"operations[{i}].concepts[{j}]", f"contradictory goals: {concept!r} is "
+                                   f"{action}ed by operations[{k}] and {op.action}ed here")
+            edited.setdefault(concept, (i, op.action))
+    for i, op in enumerate(operations):
+        for j, concept in enumerate(op.preserve):
+            if concept in edited and edited[concept][0] != i:
+                k, action = edited[concept]
+                raise InvalidInput(f"operations[{i}].preserve[{j}]", f"contradictory goals: {concept!r} is preserved "
+                                   f"here but {action}ed by operations[{k}]")
 
 
 @dataclass
@@ -218,6 +336,7 @@ class EditSpec:
             if not isinstance(op, Operation):
                 raise InvalidInput(f"operations[{i}]", "expected an Operation")
             op.validate(f"operations[{i}]")
+        _check_contradictions(self.operations)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,449 @@
+"""Removal-versus-retention frontier of every edit operator, with held-out discipline.
+
+    nice .venv/bin/python experiments/frontier.py            # every shipped testbed model
+    nice .venv/bin/python experiments/frontier.py --model sith/testbed/checkpoints/testbed-small
+
+Tasks: remove "red", remove "blue", remove "circle" (a shape), and the water/land debias
+(suppress both backgrounds). For every operator (sith_scale, head_project, head_ablation,
+output_projection) the planner is run target-driven over a grid of target presences (and, for the
+projections, of the preservation weight λ); each plan is applied and measured on
+
+* the **validation** split (world seeds HELDOUT+20/+30): used to choose each operator's point and
+  to check the library defaults, and
+* the **fresh test** split (seeds HELDOUT+40/+50, never looked at while choosing): every number
+  reported in the tables and plots.
+
+Also measured: where the default command (``EditSpec`` defaults: operator auto, target default)
+lands; the Spearman rank correlation between the data-free predicted presence and the measured
+recall (removal) / group accuracy gain (debias) over all edits; and a linear probe (logistic
+regression trained on edited validation embeddings with their labels, scored on edited test
+embeddings, balanced accuracy) that tells whether the concept is still *in* the embedding.
+
+Writes experiments/frontier.json, experiments/frontier.md and docs/figures/frontier-<model>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tasks import FACTOR_NAMES, ZeroShot, image_features, natural_set, spurious_set  # noqa: E402
+
+from sith.edits.apply import apply_multipliers  # noqa: E402
+from sith.edits.plan import plan_edit  # noqa: E402
+from sith.edits.spec import EditSpec  # noqa: E402
+from sith.engine.analysis import Analyzer  # noqa: E402
+from sith.engine.dictionary import build_dictionary  # noqa: E402
+from sith.engine.errors import InvalidInput  # noqa: E402
+from sith.engine.models import TESTBED_DIR, load_model  # noqa: E402
+from sith.testbed.factors import FACTORS  # noqa: E402
+from sith.testbed.vocabulary import testbed_vocabulary  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+FIGURES = HERE.parent / "docs" / "figures"
+TASKS = {
+    "red": {"kind": "remove", "concepts": ["red"], "factor": "colour"},
+    "blue": {"kind": "remove", "concepts": ["blue"], "factor": "colour"},
+    "circle": {"kind": "remove", "concepts": ["circle"], "factor": "shape"},
+    "water/land": {"kind": "debias", "concepts": ["water", "land"], "factor": "background"},
+}
+OPERATORS = ("head_project", "sith_scale", "head_ablation", "output_projection")
+# Target presences swept per operator (the head_project grid is finer: it is the default), and the
+# preservation weights λ of the two projections. Sized for a shared 2-core CPU.
+TARGETS = {"head_project": (0.5, 0.35, 0.25, 0.1), "sith_scale": (0.5, 0.3, 0.1),
+           "head_ablation": (0.5, 0.3, 0.1), "output_projection": (0.5, 0.3, 0.1)}
+LAMBDAS = {"head_project": (0.0, 1.0), "output_projection": (0.0,)}
+# The issue's targets (held-out test seeds, default command).
+RECALL_TARGET = 0.15
+SAME_FACTOR_KEEP = 0.95
+OTHER_FACTOR_KEEP = 0.97
+WORST_GAIN = 0.20
+DEBIAS_KEEP = 0.95
+
+
+class Splits:
+    """Validation and fresh-test images of one model, and the metrics on them."""
+
+    def __init__(self, loaded, n_val: int, n_test: int, n_val_spu: int, n_test_spu: int) -> None:
+        self.zs = ZeroShot(loaded.model, loaded.tokenizer)
+        self.sets = {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val")),
+                     "test": (natural_set(n_test, "fresh"), spurious_set(n_test_spu, "fresh"))}
+
+    def embed(self, model, split: str, which: int) -> torch.Tensor:
+        return image_features(model, self.sets[split][which].images)
+
+    def measure(self, model, split: str, task: dict, keep: dict | None = None) -> dict:
+        """Metrics of one split; ``keep`` receives the embeddings the probe needs (no re-encoding)."""
+        natural, spurious = self.sets[split]
+        feats = self.embed(model, split, 0)
+        out = {"factors": self.zs.factor_accuracy(feats, natural)}
+        if task["kind"] == "remove":
+            factor, value = task["factor"], task["concepts"][0]
+            out["recall"] = self.zs.class_recall(feats, natural, factor, value)
+            out["rest"] = self.zs.rest_accuracy(feats, natural, factor, value)
+            probe_feats = feats
+        else:
+            probe_feats = self.embed(model, split, 1)
+            out.update(self.zs.groups(probe_feats, spurious))
+        if keep is not None:
+            keep[split] = probe_feats
+        return out
+
+
+def summarise(m: dict, base: dict, task: dict) -> dict:
+    """Ratios to the base and whether the issue's target is met."""
+    factor = task["factor"]
+    others = {f: m["factors"][f] / base["factors"][f] for f in FACTOR_NAMES if f != factor and base["factors"][f] > 0}
+    out = {"other_min": min(others.values()), "other_min_factor": min(others, key=others.get)}
+    if task["kind"] == "remove":
+        out["recall"] = m["recall"]
+        out["rest_keep"] = m["rest"] / base["rest"] if base["rest"] else 0.0
+        out["met"] = (m["recall"] <= RECALL_TARGET and out["rest_keep"] >= SAME_FACTOR_KEEP
+                      and out["other_min"] >= OTHER_FACTOR_KEEP)
+    else:
+        out["worst"], out["mean"] = m["worst"], m["mean"]
+        out["worst_gain"] = m["worst"] - base["worst"]
+        out["mean_gain"] = m["mean"] - base["mean"]
+        out["met"] = out["worst_gain"] >= WORST_GAIN and out["mean_gain"] >= -1e-9 and out["other_min"] >= DEBIAS_KEEP
+    return out
+
+
+def choice_key(s: dict, task: dict) -> tuple:
+    """Validation rule: reach the effect target, then keep the most of everything else."""
+    if task["kind"] == "remove":
+        feasible = s["recall"] <= RECALL_TARGET
+        keep = min(s["rest_keep"] / SAME_FACTOR_KEEP, s["other_min"] / OTHER_FACTOR_KEEP)
+        return (feasible, keep if feasible else -s["recall"])
+    feasible = s["worst_gain"] >= WORST_GAIN and s["mean_gain"] >= -1e-9
+    return (feasible, s["other_min"] if feasible else s["worst_gain"])
+
+
+@torch.no_grad()
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   steps: int = 300) -> float:
+    """Balanced accuracy of a logistic-regression probe (binary labels), trained with LBFGS."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xt, xs = (train_x - mean) / std, (test_x - mean) / std
+    y = train_y.float()
+    pos = y.mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    w = torch.zeros(xt.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, y, reduction="none")).mean()
+            loss = loss + 1e-3 * (w**2).sum()
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    pred = (xs @ w + b) > 0
+    truth = test_y > 0
+    tpr = float((pred & truth).sum()) / max(1, int(truth.sum()))
+    tnr = float((~pred & ~truth).sum()) / max(1, int((~truth).sum()))
+    return 0.5 * (tpr + tnr)
+
+
+def probe(splits: Splits, feats: dict, task: dict) -> float:
+    """How well a linear probe still recovers the concept from the edited embeddings ``feats``
+    ({split: [N, D]}, as ``Splits.measure`` keeps them): trained on validation, scored on test."""
+    if task["kind"] == "remove":
+        index = FACTORS[task["factor"]].index(task["concepts"][0])
+        labels = {s: splits.sets[s][0].labels[task["factor"]] == index for s in ("val", "test")}
+    else:  # water vs land background on the spurious split
+        water = FACTORS["background"].index("water")
+        labels = {s: splits.sets[s][1].labels["background"] == water for s in ("val", "test")}
+    return probe_accuracy(feats["val"], labels["val"], feats["test"], labels["test"])
+
+
+def spec_for(loaded, task: dict, operator: str | None, target: float | None) -> EditSpec:
+    op: dict = {"concepts": list(task["concepts"]), "action": "suppress"}
+    if operator is not None:
+        op["operator"] = operator
+    if target is not None:
+        op["target"] = target
+    return EditSpec.from_dict({"model": loaded.name, "operations": [op]})
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    if len(x) < 3:
+        return float("nan")
+    rx = torch.tensor(x).argsort().argsort().double()
+    ry = torch.tensor(y).argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx @ ry) / (rx.norm() * ry.norm() + 1e-12))
+
+
+def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -> dict:
+    started = time.time()
+    torch.manual_seed(0)
+    loaded = load_model(config=folder)
+    analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
+    splits = Splits(loaded, *sizes)
+    base_model = loaded.model.eval()
+    result: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": sizes, "tasks": {}}
+    for name in tasks:
+        task = TASKS[name]
+        base_feats: dict = {}
+        base = {s: splits.measure(base_model, s, task, base_feats) for s in ("val", "test")}
+        entry: dict = {"task": task, "base": {s: summarise(base[s], base[s], task) | {"raw": base[s]}
+                                              for s in ("val", "test")},
+                       "base_probe": probe(splits, base_feats, task), "points": [], "chosen": {}}
+        kept_feats: dict = {}
+
+        def measure(plan, label: dict) -> tuple[dict, dict]:
+            model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
+            predicted = min(e.after for e in plan.predicted if e.role == "target")
+            point = {**label, "predicted": predicted, "writers": len(plan.affected), "warnings": len(plan.warnings)}
+            feats: dict = {}
+            for s in ("val", "test"):
+                point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
+            return point, feats
+
+        for operator in OPERATORS:
+            for lam in LAMBDAS.get(operator, (None,)):
+                for target in TARGETS[operator]:
+                    try:
+                        kwargs = {} if lam is None else {"preserve_weight": lam}
+                        plan = plan_edit(analyzer, spec_for(loaded, task, operator, target), **kwargs)
+                    except InvalidInput as exc:
+                        print(f"  skip {operator} λ={lam} t={target}: {exc}", flush=True)
+                        continue
+                    point, feats = measure(plan, {"operator": operator, "lambda": lam, "target": target})
+                    kept_feats[(operator, lam, target)] = feats
+                    entry["points"].append(point)
+            print(f"[{time.time() - started:.0f}s] {loaded.name} {name} {operator}: {len(entry['points'])} points",
+                  flush=True)
+        for operator in OPERATORS:
+            mine = [p for p in entry["points"] if p["operator"] == operator]
+            if not mine:
+                continue
+            best = max(mine, key=lambda p: choice_key(p["val"], task))
+            feats = kept_feats[(operator, best["lambda"], best["target"])]
+            entry["chosen"][operator] = {**best, "probe": probe(splits, feats, task)}
+        entry["default"] = default_point(analyzer, splits, task, base)
+        result["tasks"][name] = entry
+        print(f"[{time.time() - started:.0f}s] {loaded.name} {name}: default {json.dumps(entry['default']['test'])}",
+              flush=True)
+    result["spearman"] = rank_correlations(result)
+    result["seconds"] = round(time.time() - started)
+    return result
+
+
+def default_point(analyzer, splits: Splits, task: dict, base: dict) -> dict:
+    """Where the default command (no tuning flags) lands, measured on both splits."""
+    loaded = analyzer.loaded
+    plan = plan_edit(analyzer, spec_for(loaded, task, None, None))
+    model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
+    op = plan.spec.operations[0]
+    point = {"operator": op.operator, "lambda": "default", "target": op.target,
+             "predicted": min(e.after for e in plan.predicted if e.role == "target"), "writers": len(plan.affected),
+             "warnings": len(plan.warnings), "warnings_text": plan.warnings}
+    feats: dict = {}
+    for s in ("val", "test"):
+        point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
+    point["probe"] = probe(splits, feats, task)
+    return point
+
+
+def refresh_defaults(raw: dict, folders: list[str]) -> None:
+    """Re-measure only the default command's point (after a default changed), keeping the sweep."""
+    for folder in folders:
+        loaded = load_model(config=folder)
+        result = raw.get(loaded.name)
+        if result is None or result.get("hash") != loaded.hash:
+            print(f"skip {loaded.name}: no frontier for this checkpoint in frontier.json (run the sweep first)")
+            continue
+        analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
+        splits = Splits(loaded, *result["sizes"])
+        for name, entry in result["tasks"].items():
+            base = {s: entry["base"][s]["raw"] for s in ("val", "test")}
+            entry["default"] = default_point(analyzer, splits, entry["task"], base)
+            print(f"{loaded.name} {name}: default {json.dumps(entry['default']['test'])}", flush=True)
+
+
+def rank_correlations(result: dict) -> dict:
+    """How well the data-free prediction ranks the measured effect, over every edit of the sweep."""
+    xs, ys = [], []
+    per_op: dict[str, tuple[list, list]] = {}
+    for name, entry in result["tasks"].items():
+        for p in entry["points"]:
+            measured = p["test"]["recall"] if entry["task"]["kind"] == "remove" else -p["test"]["worst_gain"]
+            xs.append(p["predicted"])
+            ys.append(measured)
+            per_op.setdefault(p["operator"], ([], []))
+            per_op[p["operator"]][0].append(p["predicted"])
+            per_op[p["operator"]][1].append(measured)
+    return {"all": spearman(xs, ys), **{op: spearman(*v) for op, v in per_op.items()}, "edits": len(xs)}
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _row(label: str, p: dict, kind: str, probe_value: float | None = None) -> str:
+    t = p["test"]
+    tail = f" | {pct(probe_value)}" if probe_value is not None else " | –"
+    if kind == "remove":
+        return (f"| {label} | {pct(t['recall'])} | {pct(t['rest_keep'])}% | {pct(t['other_min'])}% "
+                f"({t['other_min_factor']}) | {'yes' if t['met'] else 'no'}{tail} |")
+    return (f"| {label} | {pct(t['worst'])} ({t['worst_gain'] * 100:+.1f}) | {pct(t['mean'])} ({t['mean_gain'] * 100:+.1f}) | "
+            f"{pct(t['other_min'])}% ({t['other_min_factor']}) | {'yes' if t['met'] else 'no'}{tail} |")
+
+
+def render(result: dict) -> str:
+    lines = [f"# Edit frontier on `{result['model']}`", "",
+             f"Generated by `experiments/frontier.py` in {result['seconds']} s (2-core CPU). Images per split: "
+             f"validation {result['sizes'][0]} natural / {result['sizes'][2]} spurious, fresh test {result['sizes'][1]} "
+             f"/ {result['sizes'][3]}. Every point chosen on validation, every number below on the fresh test seeds.", ""]
+    for name, entry in result["tasks"].items():
+        task = entry["task"]
+        kind = task["kind"]
+        base = entry["base"]["test"]
+        if kind == "remove":
+            lines += [f"## Remove \"{name}\" (factor {task['factor']})", "",
+                      f"Base (test): recall {pct(base['recall'])}, probe {pct(entry['base_probe'])}. Target: recall ≤ "
+                      f"{pct(RECALL_TARGET)}, rest of the factor ≥ {pct(SAME_FACTOR_KEEP)}%, every other factor ≥ "
+                      f"{pct(OTHER_FACTOR_KEEP)}% of base.", "",
+                      "| edit | recall | rest of factor kept | min other factor kept | target met | probe bal. acc. |",
+                      "|---|---|---|---|---|---|"]
+        else:
+            lines += [f"## Debias water/land (suppress both)", "",
+                      f"Base (test): worst group {pct(base['worst'])}, mean {pct(base['mean'])}, water-vs-land probe "
+                      f"{pct(entry['base_probe'])}. Target: worst ≥ base + {WORST_GAIN * 100:.0f}, mean not lower, every "
+                      f"non-background factor ≥ {pct(DEBIAS_KEEP)}%.", "",
+                      "| edit | worst group | mean | min other factor kept | target met | probe bal. acc. |",
+                      "|---|---|---|---|---|---|"]
+        for operator, p in entry["chosen"].items():
+            lam = "" if p["lambda"] is None else f", λ={p['lambda']:g}"
+            lines.append(_row(f"{operator} (val-chosen: target {p['target']:g}{lam}, {p['writers']} writers)", p, kind,
+                              p["probe"]))
+        d = entry["default"]
+        lines.append(_row(f"**default command** ({d['operator']}, target {d['target']:g})", d, kind, d["probe"]))
+        lines += ["", f"<details><summary>all {len(entry['points'])} frontier points (test)</summary>", "",
+                  "| operator | λ | target | predicted | " + ("recall | rest kept | min other |" if kind == "remove"
+                                                           else "worst gain | mean gain | min other |"),
+                  "|---|---|---|---|---|---|---|"]
+        for p in entry["points"]:
+            t = p["test"]
+            cols = ((pct(t["recall"]), pct(t["rest_keep"]), pct(t["other_min"])) if kind == "remove"
+                    else (f"{t['worst_gain'] * 100:+.1f}", f"{t['mean_gain'] * 100:+.1f}", pct(t["other_min"])))
+            lam = "–" if p["lambda"] is None else f"{p['lambda']:g}"
+            lines.append(f"| {p['operator']} | {lam} | {p['target']:g} | {p['predicted']:.3f} | " + " | ".join(cols) + " |")
+        lines += ["", "</details>", ""]
+    sp = result["spearman"]
+    lines += ["## Does the data-free prediction rank the measured effect?", "",
+              f"Spearman rank correlation between the predicted presence of the edited concept and the measured "
+              f"effect (recall for removals, minus the worst-group gain for the debias) over {sp['edits']} edits: "
+              f"**{sp['all']:.2f}** (" + ", ".join(f"{op} {v:.2f}" for op, v in sp.items() if op not in ("all", "edits"))
+              + ").", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["tasks"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8))
+    colours = {"head_project": "tab:blue", "sith_scale": "tab:orange", "head_ablation": "tab:red",
+               "output_projection": "tab:green"}
+    for ax, name in zip(axes if len(names) > 1 else [axes], names):
+        entry = result["tasks"][name]
+        remove = entry["task"]["kind"] == "remove"
+        for operator in OPERATORS:
+            pts = [p for p in entry["points"] if p["operator"] == operator]
+            if not pts:
+                continue
+            x = [p["test"]["recall"] if remove else p["test"]["worst_gain"] for p in pts]
+            y = [min(p["test"]["rest_keep"], p["test"]["other_min"]) if remove else p["test"]["other_min"] for p in pts]
+            ax.scatter(x, y, s=14, alpha=0.75, color=colours[operator], label=operator)
+        d = entry["default"]["test"]
+        ax.scatter([d["recall"] if remove else d["worst_gain"]],
+                   [min(d["rest_keep"], d["other_min"]) if remove else d["other_min"]],
+                   marker="*", s=220, color="black", label="default command", zorder=5)
+        if remove:
+            ax.axvline(RECALL_TARGET, color="grey", ls="--", lw=0.8)
+            ax.axhline(SAME_FACTOR_KEEP, color="grey", ls=":", lw=0.8)
+            ax.set_xlabel(f"{name} recall (test)")
+            ax.set_ylabel("min kept share: rest of factor, other factors")
+        else:
+            ax.axvline(WORST_GAIN, color="grey", ls="--", lw=0.8)
+            ax.axhline(DEBIAS_KEEP, color="grey", ls=":", lw=0.8)
+            ax.set_xlabel("worst-group gain (test)")
+            ax.set_ylabel("min kept share, non-background factors")
+        ax.set_title(f"{result['model']}: {name}")
+        ax.set_ylim(0, 1.05)
+    axes_list = axes if len(names) > 1 else [axes]
+    axes_list[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def checkpoint_folders() -> list[Path]:
+    root = TESTBED_DIR.parent
+    folders = sorted(p for p in root.iterdir() if (p / "open_clip_model.safetensors").is_file()) if root.is_dir() else []
+    return sorted(folders, key=lambda p: (p.name != "testbed-main", p.name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="hf-hub style folder (repeatable; default: every shipped one)")
+    parser.add_argument("--task", action="append", choices=list(TASKS), help="default: all four")
+    parser.add_argument("--n-val", type=int, default=400, help="natural validation images")
+    parser.add_argument("--n-test", type=int, default=800, help="natural fresh-test images")
+    parser.add_argument("--n-val-spurious", type=int, default=200)
+    parser.add_argument("--n-test-spurious", type=int, default=400)
+    parser.add_argument("--quick", action="store_true", help="tiny splits (smoke run)")
+    parser.add_argument("--defaults-only", action="store_true", help="re-measure only the default command's "
+                        "points of an existing frontier.json (after a library default changed)")
+    parser.add_argument("--out", default=str(HERE / "frontier.md"))
+    parser.add_argument("--figures", default=str(FIGURES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    folders = args.model or [str(p) for p in checkpoint_folders()]
+    if not folders:
+        print("no testbed checkpoints found", file=sys.stderr)
+        return 1
+    sizes = (60, 80, 40, 48) if args.quick else (args.n_val, args.n_test, args.n_val_spurious, args.n_test_spurious)
+    out = Path(args.out)
+    raw_path = out.with_suffix(".json")
+    raw: dict = {}
+    if args.defaults_only:
+        raw = json.loads(raw_path.read_text(encoding="utf-8"))
+        refresh_defaults(raw, folders)
+        raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+        for result in raw.values():
+            plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
+        folders = []
+    for folder in folders:
+        result = run_model(folder, sizes, args.task or list(TASKS))
+        # re-read just before writing: one process per model may run side by side
+        raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else {}
+        raw[result["model"]] = result
+        raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+        plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
+    order = sorted(raw, key=lambda name: (name != "testbed-main", name))
+    out.write_text("\n\n".join(render(raw[name]) for name in order), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

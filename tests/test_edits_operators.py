@@ -1,0 +1,339 @@
+"""Edit operators beyond scaling: exact write-back, identity, revert and composition through the
+manifest, plain open_clip loading, target-driven planning and the bad-input cases."""
+
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edits_fixtures import CONCEPTS, TINY_CFG, images, plan_inputs, tiny_loaded
+from sith.edits.apply import apply_multipliers, revert
+from sith.edits.multipliers import Multipliers, WriteMap
+from sith.edits.operators import OPERATORS, Geometry, preserving_pair, resolve_operator
+from sith.edits.plan import neighbours, operation_layers, plan_from_vectors
+from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec, Operation, explicit, top_n
+from sith.engine.decomposition import dense_vo, head_value_bias
+from sith.engine.dictionary import build_dictionary
+from sith.engine.errors import InvalidInput
+
+LAYERS = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ops")
+    loaded = tiny_loaded(tmp)
+    dictionary = build_dictionary(loaded, CONCEPTS, cache_dir=tmp)
+    decomposition, joint, vectors = plan_inputs(loaded, dictionary, LAYERS)
+    return loaded, dictionary, decomposition, joint, vectors
+
+
+def _plan(stack, *operations, preserve_weight: float = 1.0):
+    loaded, dictionary, decomposition, joint, vectors = stack
+    spec = EditSpec(model="tiny", operations=list(operations)).validate()
+    return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors,
+                             operation_layers(loaded.info, spec), joint, dictionary, preserve_weight=preserve_weight)
+
+
+def _embed(model, x=None):
+    with torch.no_grad():
+        return model.encode_image(images() if x is None else x)
+
+
+def _patched(model, maps: dict[tuple[int, int], torch.Tensor], proj_map: torch.Tensor | None = None):
+    """Independent reference: multiply the raw out_proj columns by T (row form W_O ← W_O T) and keep
+    each head's constant value term in the bias; no SVD involved."""
+    ref = copy.deepcopy(model)
+    blocks = ref.visual.transformer.resblocks
+    heads = blocks[0].attn.num_heads
+    dh = blocks[0].attn.embed_dim // heads
+    with torch.no_grad():
+        for (layer, head), t in maps.items():
+            attn = blocks[layer].attn
+            cols = slice(head * dh, (head + 1) * dh)
+            old = attn.out_proj.weight[:, cols].double()  # [d, dh] = W_Oᵀ
+            new = t.T @ old
+            c_h = head_value_bias(blocks[layer], heads)[head].double()
+            attn.out_proj.bias += ((old - new) @ c_h).float()
+            attn.out_proj.weight[:, cols] = new.float()
+        if proj_map is not None:
+            ref.visual.proj.copy_((ref.visual.proj.double() @ proj_map).float())
+    return ref
+
+
+def _head_maps(plan) -> dict[tuple[int, int], torch.Tensor]:
+    return {(layer, head): plan.multipliers.write_matrix("head", layer, head)
+            for site, layer, head in plan.multipliers.mapped_writers() if site == "head"}
+
+
+def test_operator_registry_and_unknown_names():
+    assert set(OPERATORS) == {"sith_scale", "head_project", "head_ablation", "output_projection"}
+    assert resolve_operator("auto") == resolve_operator(None) == "head_project"
+    with pytest.raises(InvalidInput) as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "operator": "head_projct"}]})
+    assert err.value.field == "operations[0].operator" and "head_project" in err.value.suggestions
+
+
+def test_preserving_pair_scales_u_exactly_and_spares_what_is_preserved():
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(16, generator=g, dtype=torch.float64), dim=0)
+    keep = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    for lam in (0.0, 1.0, 1e6):
+        u_, v = preserving_pair(u, keep, lam)
+        t = torch.eye(16, dtype=torch.float64) - 0.7 * torch.outer(u_, v)  # α = 0.3
+        assert torch.allclose(t @ u, 0.3 * u, atol=1e-10)
+    assert torch.allclose(preserving_pair(u, keep, 0.0)[1], u)  # λ = 0: orthogonal projection
+    _, v = preserving_pair(u, keep, 1e6)
+    t = torch.eye(16, dtype=torch.float64) - torch.outer(u, v)
+    assert torch.allclose(t @ keep, keep, atol=1e-4)  # λ → ∞: preserved directions untouched
+
+
+def test_head_project_writes_back_exactly_and_scales_the_concept_direction(stack):
+    loaded, dictionary, decomposition, joint, _ = stack
+    plan = _plan(stack, Operation(["red"], "suppress", 0.25, layers=[1, 2], select=top_n(3), operator="head_project"))
+    assert len(plan.affected) == 3 and all(a.operator == "head_project" and a.alpha == 0.25 for a in plan.affected)
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    reference = _patched(loaded.model, _head_maps(plan))
+    assert (_embed(edited) - _embed(reference)).abs().max() < 1e-5
+    assert (_embed(edited) - _embed(loaded.model)).abs().max() > 1e-4  # it did something
+    # on the folded/centred W_VO: the write along ĝ is multiplied by α, in every chosen head
+    g = Geometry(joint, dictionary, decomposition).residual_direction("red")
+    blocks_before = loaded.model.visual.transformer.resblocks
+    blocks_after = edited.visual.transformer.resblocks
+    for a in plan.affected:
+        before = dense_vo(blocks_before[a.layer], 4)[a.head].double() @ g
+        after = dense_vo(blocks_after[a.layer], 4)[a.head].double() @ g
+        assert torch.allclose(after, 0.25 * before, atol=1e-5)
+    # in_proj and ln_1 are never touched (stock layout, only out_proj changes)
+    for b0, b1 in zip(blocks_before, blocks_after):
+        assert torch.equal(b0.attn.in_proj_weight, b1.attn.in_proj_weight) and torch.equal(b0.ln_1.weight, b1.ln_1.weight)
+
+
+def test_alpha_one_and_no_op_are_the_identity(stack):
+    loaded, _, decomposition, _, _ = stack
+    u = torch.nn.functional.normalize(torch.randn(64, dtype=torch.float64), dim=0)
+    w = torch.nn.functional.normalize(torch.randn(32, dtype=torch.float64), dim=0)
+    values = {layer: torch.ones_like(svd.S) for layer, svd in decomposition.items()}
+    identity = Multipliers(values, None, [(u, u), (w, w)],
+                           [WriteMap("head", 1, 2, 0, 1.0), WriteMap("head", 2, 0, 0, 1.0), WriteMap("output", -1, -1, 1, 1.0)])
+    edited = apply_multipliers(loaded.model, identity, decomposition)
+    assert (_embed(edited) - _embed(loaded.model)).abs().max() < 1e-5
+    untouched = apply_multipliers(loaded.model, Multipliers(values), decomposition)
+    for p0, p1 in zip(loaded.model.parameters(), untouched.parameters()):
+        assert torch.equal(p0, p1)
+
+
+def test_output_projection_rewrites_only_proj(stack):
+    loaded, dictionary, decomposition, joint, _ = stack
+    plan = _plan(stack, Operation(["blue"], "suppress", operator="output_projection", target=0.2))
+    assert [a.operator for a in plan.affected] == ["output_projection"]
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    t = plan.multipliers.write_matrix("output")
+    reference = _patched(loaded.model, {}, t)
+    assert (_embed(edited) - _embed(reference)).abs().max() < 1e-6
+    r = Geometry(joint, dictionary, decomposition).joint_direction("blue")
+    assert float(r @ t @ r) == pytest.approx(0.2, abs=1e-9)
+    changed = [n for (n, p0), p1 in zip(loaded.model.named_parameters(), edited.parameters()) if not torch.equal(p0, p1)]
+    assert changed == ["visual.proj"]
+    target = next(e for e in plan.predicted if e.role == "target")
+    assert target.after == pytest.approx(0.2, abs=1e-9)
+
+
+def test_head_ablation_zeroes_whole_heads(stack):
+    loaded, _, decomposition, _, _ = stack
+    plan = _plan(stack, Operation(["green"], "suppress", operator="head_ablation", select=top_n(2)))
+    heads = {(a.layer, a.head) for a in plan.affected}
+    assert len(heads) == 2 and len(plan.affected) == 2 * 16
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    for layer, head in heads:
+        assert dense_vo(edited.visual.transformer.resblocks[layer], 4)[head].abs().max() < 1e-5
+    with pytest.raises(InvalidInput, match="only suppresses") as err:
+        _plan(stack, Operation(["green"], "amplify", operator="head_ablation"))
+    assert err.value.field == "operations[0].operator"
+
+
+def test_revert_compose_and_manifest_round_trip_are_exact(stack, tmp_path):
+    loaded, _, decomposition, _, _ = stack
+    a = _plan(stack, Operation(["red"], "suppress", 0.5, layers=[1, 2], select=top_n(3), operator="head_project"))
+    b = _plan(stack, Operation(["circle"], "amplify", 2.0, layers=[2], select=top_n(2), operator="head_project"),
+              Operation(["water"], "suppress", operator="output_projection", target=0.5))
+    # manifest and bytes round trips keep the edit bit for bit
+    assert Multipliers.from_manifest(a.manifest()["multipliers"]) == a.multipliers
+    assert Multipliers.from_bytes(b.multipliers.to_bytes()) == b.multipliers
+    both = a.multipliers.compose(b.multipliers)
+    edited = apply_multipliers(loaded.model, both, decomposition)
+    reference = _patched(loaded.model, {**_head_maps(a), **{k: _head_maps(a).get(k, torch.eye(64, dtype=torch.float64))
+                                                            @ t for k, t in _head_maps(b).items()}},
+                         b.multipliers.write_matrix("output"))
+    assert (_embed(edited) - _embed(reference)).abs().max() < 1e-5
+    # removing b again gives a exactly (maps cancel, they are not approximated)
+    only_a = both.compose(b.multipliers.inverse())
+    assert only_a.maps == a.multipliers.maps
+    assert (_embed(apply_multipliers(loaded.model, only_a, decomposition))
+            - _embed(apply_multipliers(loaded.model, a.multipliers, decomposition))).abs().max() < 1e-5
+    # a ∘ a⁻¹ is the identity; revert from any edit gives the base back
+    assert a.multipliers.compose(a.multipliers.inverse()).is_identity()
+    heads_only = Multipliers(both.values, None, both.pairs, [m for m in both.maps if m.site == "head"])
+    restored = revert(apply_multipliers(loaded.model, heads_only, decomposition), decomposition)
+    assert (_embed(restored) - _embed(loaded.model)).abs().max() < 1e-5
+    # a map buried under a later map on the same head cannot be removed exactly: refused
+    same_heads = explicit([(m.layer, m.head, 0) for m in a.multipliers.maps])
+    c = _plan(stack, Operation(["blue"], "suppress", 0.5, layers=[1, 2], select=same_heads, operator="head_project"))
+    with pytest.raises(InvalidInput, match="do not commute"):
+        a.multipliers.compose(c.multipliers).compose(a.multipliers.inverse())
+    with pytest.raises(InvalidInput, match="a = 0"):
+        _plan(stack, Operation(["red"], "suppress", 0.0, select=top_n(1))).multipliers.inverse()
+
+
+def test_exported_projection_edit_loads_in_plain_open_clip(stack, tmp_path):
+    from sith.edits.export import export_checkpoint
+
+    loaded, _, decomposition, _, _ = stack
+    plan = _plan(stack, Operation(["red"], "suppress"))
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    path = tmp_path / "red.safetensors"
+    export_checkpoint(edited, path, plan.manifest())
+    plain = open_clip.model.CLIP(**copy.deepcopy(TINY_CFG)).eval()
+    plain.load_state_dict(load_file(str(path)))
+    x = images()
+    assert (_embed(plain, x) - _embed(edited, x)).abs().max() < 1e-6
+
+
+def test_default_plan_reaches_its_target_and_reports_every_preserved_concept(stack):
+    loaded, dictionary, decomposition, _, _ = stack
+    plan = _plan(stack, Operation(["red"]))
+    op = plan.spec.operations[0]
+    assert op.operator == "head_project" and op.select.rule == "auto" and op.target == pytest.approx(DEFAULT_SUPPRESS_TARGET)
+    roles = {e.concept: e.role for e in plan.predicted}
+    assert roles["red"] == "target"
+    assert {c for c, r in roles.items() if r == "preserve"} == set(neighbours(dictionary, "red")) == {"blue", "green", "yellow"}
+    red = next(e for e in plan.predicted if e.concept == "red")
+    assert red.before == 1.0 and red.after == pytest.approx(DEFAULT_SUPPRESS_TARGET, abs=1e-6)
+    # the prediction is what the edited weights really write (dense W_VO, no SVD): signed share along ĝ
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    g = Geometry(plan_inputs(loaded, dictionary, LAYERS)[1], dictionary, decomposition).residual_direction("blue")
+    num = den = 0.0
+    for layer in LAYERS:
+        w0 = dense_vo(loaded.model.visual.transformer.resblocks[layer], 4).double() @ g
+        w1 = dense_vo(edited.visual.transformer.resblocks[layer], 4).double() @ g
+        num += float((w0 * w1).sum())
+        den += float((w0 * w0).sum())
+    blue = next(e for e in plan.predicted if e.concept == "blue")
+    assert blue.after == pytest.approx(num / den, abs=1e-4)
+    # with explicit preserve, the concept is reported as preserved too
+    plan = _plan(stack, Operation(["red"], preserve=["water"], preserve_neighbours=False))
+    assert {(e.concept, e.role) for e in plan.predicted} == {("red", "target"), ("water", "preserve")}
+
+
+def test_target_driven_sith_scale_and_head_ablation_meet_their_predicted_target(stack):
+    plan = _plan(stack, Operation(["red"], operator="sith_scale", target=0.5))
+    red = next(e for e in plan.predicted if e.concept == "red")
+    assert red.after <= 0.5 + 1e-9 and all(a.alpha == 0.0 for a in plan.affected)
+    plan = _plan(stack, Operation(["red"], operator="head_ablation", target=0.6))
+    red = next(e for e in plan.predicted if e.concept == "red")
+    assert red.after <= 0.6 + 1e-9
+
+
+def test_strength_is_honoured_for_suppress_and_flip(stack):
+    plan = _plan(stack, Operation(["red"], "suppress", 0.4, select=top_n(2)))
+    assert [a.alpha for a in plan.affected] == [0.4, 0.4]
+    plan = _plan(stack, Operation(["red"], "flip", -0.5, select=top_n(2)))
+    assert [a.alpha for a in plan.affected] == [-0.5, -0.5]
+    plan = _plan(stack, Operation(["red"], "flip", -0.5, select=top_n(2), operator="sith_scale"))
+    assert {a.alpha for a in plan.affected} == {-0.5}
+
+
+def test_unreachable_target_is_a_warning_in_the_preview_not_a_silent_no_op(stack):
+    plan = _plan(stack, Operation(["red"], "suppress", layers=[0], target=0.0))
+    assert any("not reachable" in w for w in plan.warnings)
+    red = next(e for e in plan.predicted if e.concept == "red")
+    assert 0.0 < red.after < 1.0  # it went as far as it could, and says so
+    assert all(a.alpha == 0.0 for a in plan.affected)
+
+
+def test_bad_inputs_are_named(stack):
+    with pytest.raises(InvalidInput) as err:
+        _plan(stack, Operation(["red"], preserve=["bleu"]))
+    assert err.value.field == "operations[0].preserve[0]" and "blue" in err.value.suggestions
+    with pytest.raises(InvalidInput, match="contradictory") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "preserve": ["red"]}]})
+    assert err.value.field == "operations[0].preserve[0]"
+    with pytest.raises(InvalidInput, match="contradictory") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"]},
+                                                         {"concepts": ["red"], "action": "amplify"}]})
+    assert err.value.field == "operations[1].concepts[0]"
+    with pytest.raises(InvalidInput, match="contradictory") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"]}, {"concepts": ["blue"], "preserve": ["red"]}]})
+    assert err.value.field == "operations[1].preserve[0]"
+    with pytest.raises(InvalidInput, match="contradictory") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "strength": 0.0, "target": 0.2,
+                                                          "select": {"rule": "top_n", "n": 2}}]})
+    assert err.value.field == "operations[0].target"
+    for op, field in (({"target": 1.5}, "target"), ({"action": "amplify", "target": 0.5}, "target"),
+                      ({"action": "flip", "target": 0.5}, "target"), ({"action": "scale", "strength": 0.5, "target": 0.2},
+                                                                        "target"),
+                      ({"preserve_neighbours": "yes"}, "preserve_neighbours"), ({"preserve": [""]}, "preserve[0]"),
+                      ({"select": {"rule": "auto", "n": 3}}, "select")):
+        with pytest.raises(InvalidInput) as err:
+            EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], **op}]})
+        assert err.value.field == f"operations[0].{field}", op
+    with pytest.raises(InvalidInput, match="auto rule only"):
+        _plan(stack, Operation(["red"], operator="output_projection", select=top_n(2)))
+
+
+def test_spec_round_trip_with_the_new_fields():
+    spec = EditSpec.from_dict({"model": "m", "operations": [
+        {"concepts": ["red"]},
+        {"concepts": ["water", "land"], "operator": "sith_scale", "target": 0.2, "preserve": ["sky"],
+         "preserve_neighbours": False},
+        {"concepts": ["circle"], "action": "amplify", "operator": "head_project", "target": 2.0},
+        {"concepts": ["blue"], "action": "flip", "strength": -0.5}]})
+    again = EditSpec.from_json(spec.to_json())
+    assert again.to_dict() == spec.to_dict()
+    ops = again.to_dict()["operations"]
+    assert ops[0]["operator"] == "head_project" and ops[0]["target"] == DEFAULT_SUPPRESS_TARGET and ops[0]["select"] == {"rule": "auto"}
+    assert ops[1]["preserve"] == ["sky"] and ops[1]["preserve_neighbours"] is False
+    assert ops[2]["target"] == 2.0 and ops[3]["strength"] == -0.5 and ops[3]["target"] == -0.5
+
+
+@pytest.mark.parametrize("family,changed", [("coca", "visual.proj"), ("clipa", "visual.proj"),
+                                            ("hf-clip", "hf.visual_projection.weight")])
+def test_output_projection_goes_through_the_tower_adapter(family, changed):
+    """On towers other than a plain CLIP ViT the output map is written as P ← P T through the adapter:
+    the embedding becomes e T exactly and only the final projection changes."""
+    from sith.edits.multipliers import WriteMap
+    from test_engine_towers import build
+    from test_engine_towers import images as tower_images
+
+    model = build(family)
+    x = tower_images(model)
+    with torch.no_grad():
+        before = model.encode_image(x, normalize=False).double()
+    dim = before.shape[1]
+    u = torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(3)).double(), dim=0)
+    mult = Multipliers({}, pairs=[(u, u)], maps=[WriteMap("output", -1, -1, 0, 0.25)])
+    edited = apply_multipliers(model, mult, {})
+    with torch.no_grad():
+        after = edited.encode_image(x, normalize=False).double()
+    t = mult.write_matrix("output")
+    assert (after - before @ t).abs().max() < 1e-4 * before.abs().max()
+    assert (before @ u).abs().max() > 1e-3 and torch.allclose(after @ u, 0.25 * (before @ u), atol=1e-4)
+    diff = [n for (n, p0), p1 in zip(model.named_parameters(), edited.parameters()) if not torch.equal(p0, p1)]
+    assert diff == [changed]
+
+
+def test_output_projection_names_a_tower_without_a_final_projection():
+    from sith.edits.multipliers import WriteMap
+    from test_engine_towers import build
+
+    model = build("siglip-timm")  # timm MAP head, timm_proj "none": the readout ends in the head itself
+    u = torch.zeros(64, dtype=torch.float64)
+    u[0] = 1.0
+    mult = Multipliers({}, pairs=[(u, u)], maps=[WriteMap("output", -1, -1, 0, 0.5)])
+    with pytest.raises(InvalidInput) as info:
+        apply_multipliers(model, mult, {})
+    assert info.value.field == "operator" and "timm" in info.value.reason and "output_projection" in info.value.reason
