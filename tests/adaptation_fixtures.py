@@ -23,6 +23,14 @@ def save_and_load(model, cfg: dict, folder: Path, name: str) -> LoadedModel:
     return load_model(config=config, checkpoint=weights)
 
 
+def checkpoint_folder(path: Path, model, cfg: dict | None = None) -> str:
+    """``model`` saved as an open_clip folder (config + safetensors), as the CLI takes it."""
+    path.mkdir(parents=True)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg or TINY_CFG}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return str(path)
+
+
 def plant_rank_one(model, layer: int, head: int, write: torch.Tensor, scale: float = 1.0, seed: int = 3):
     """A copy whose head (layer, head) additionally writes ``write`` (a residual direction):
     W_O^h += c ⊗ write, so ΔW_VO = (A_h c) ⊗ write has rank one and right vector ∝ centred write."""
@@ -35,4 +43,4 @@ def plant_rank_one(model, layer: int, head: int, write: torch.Tensor, scale: flo
     return out
 
 
-__all__ = ["TINY_CFG", "tiny_clip", "save_and_load", "plant_rank_one"]
+__all__ = ["TINY_CFG", "tiny_clip", "save_and_load", "plant_rank_one", "checkpoint_folder"]

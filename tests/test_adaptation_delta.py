@@ -154,3 +154,58 @@ def test_concept_alignment_ranks_the_planted_concept_first(base, planted, tmp_pa
     assert scores.shape == (len(CONCEPTS),)
     assert CONCEPTS[int(scores.argmax())] == "water"
     assert concept_alignment(delta, [], analyzer).abs().sum() == 0
+
+
+def _svd_of(v: torch.Tensor, s: torch.Tensor, layer: int = 0):
+    """A one-head LayerSVD with U = V (symmetric, enough for the right-subspace figures)."""
+    from sith.engine.decomposition import LayerSVD
+
+    return LayerSVD(layer=layer, U=v[None].clone(), S=s[None].clone(), V=v[None].clone())
+
+
+def test_principal_angle_distribution_flags_one_rotated_direction():
+    """Base write subspace span(e0..e3); fine-tuned: e3 turned by 60° towards e4. The mean cosine
+    (0.875) looks stable, the distribution shows one direction at cos 0.5 and flags it."""
+    from sith.adaptation.stability import ROTATED_COS, head_stability
+
+    d, r = 8, 4
+    eye = torch.eye(d, dtype=torch.float64)
+    v_base = eye[:, :r].clone()
+    v_ft = v_base.clone()
+    angle = torch.tensor(60.0, dtype=torch.float64).deg2rad()
+    v_ft[:, 3] = torch.cos(angle) * eye[:, 3] + torch.sin(angle) * eye[:, 4]
+    sigma = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    base_svd, ft_svd = _svd_of(v_base, sigma), _svd_of(v_ft, sigma)
+    factors = ((v_ft * sigma)[None], v_ft.T[None])  # W_ft = (V diag σ) Vᵀ
+    (s,) = head_stability(base_svd, ft_svd, factors)
+    dist = s.right_cos_distribution()
+    assert s.mean_right_cos == pytest.approx(0.875, abs=1e-6)
+    assert dist["min"] == pytest.approx(0.5, abs=1e-6)
+    assert dist["median"] == pytest.approx(1.0, abs=1e-6) and dist["max"] == pytest.approx(1.0, abs=1e-6)
+    flagged = s.rotated()
+    assert [i for i, _ in flagged["principal"]] == [3] and flagged["principal"][0][1] == pytest.approx(60.0, abs=0.1)
+    assert [j for j, _ in flagged["matched_vectors"]] == [3]
+    assert s.rotated(threshold=0.4) == {"principal": [], "matched_vectors": []}
+    row = layer_stability([s])[0]
+    assert row["right_cos_min"] == pytest.approx(0.5, abs=1e-6) and row["rotated_principal"] == 1
+    assert row["right_cos_median"] == pytest.approx(1.0, abs=1e-6) and ROTATED_COS == 0.8
+
+
+def test_spectra_keep_base_order_for_a_suppressed_vector(base):
+    """Zeroing base vector 0 re-sorts the edited SVD; by base index it stays at j = 0."""
+    from sith.adaptation.plots import base_order
+    from sith.engine.decomposition import decompose_layer
+
+    decomposition = decompose(base, [LAYER])
+    r = decomposition[LAYER].S.shape[1]
+    alpha = torch.ones(base.info.heads, r)
+    alpha[HEAD, 0] = 0.0
+    edited = apply_multipliers(base.model, Multipliers({LAYER: alpha}), decomposition)
+    with torch.no_grad():
+        after = decompose_layer(edited.visual.transformer.resblocks[LAYER], base.info.heads, LAYER)
+    ordered = base_order(decomposition[LAYER], after)
+    before = decomposition[LAYER].S.double().numpy()
+    assert ordered[HEAD, 0] == pytest.approx(0.0, abs=1e-4 * before[HEAD, 0])
+    assert ordered[HEAD, 1:] == pytest.approx(before[HEAD, 1:], rel=1e-3)
+    assert after.S[HEAD, 0] == pytest.approx(before[HEAD, 1], rel=1e-3)  # the raw spectrum did move
+    assert ordered[0] == pytest.approx(before[0], rel=1e-3)

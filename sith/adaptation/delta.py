@@ -23,6 +23,7 @@ from torch import Tensor
 from sith.engine.analysis import Analyzer
 from sith.engine.decomposition import LayerSVD, factor_svd, resolve_layers, vo_factors
 from sith.engine.errors import InvalidInput
+from sith.engine.towers import adapter_for
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K, SparseCodes, encode
 
 # A head counts as changed when ‖ΔW‖_F / ‖W_base‖_F exceeds this (float32 noise is ~1e-7).
@@ -48,8 +49,8 @@ def delta_layer(base_block, ft_block, num_heads: int, layer: int) -> LayerSVD:
 def delta_decomposition(base, finetuned, layers: int | Sequence[int] | None = None) -> dict[int, LayerSVD]:
     """ΔW SVD per layer (default the last four) for two LoadedModels of one architecture."""
     check_compatible(base, finetuned)
-    blocks_b = base.model.visual.transformer.resblocks
-    blocks_f = finetuned.model.visual.transformer.resblocks
+    blocks_b = adapter_for(base.model).blocks
+    blocks_f = adapter_for(finetuned.model).blocks
     heads = base.info.heads
     with torch.no_grad():
         return {layer: delta_layer(blocks_b[layer], blocks_f[layer], heads, layer)
@@ -134,7 +135,7 @@ def explain_delta(
 
 def base_norms(base, layers: Sequence[int]) -> dict[int, Tensor]:
     """‖W_VO^h‖_F per head [H] of the base model (from its singular values)."""
-    blocks = base.model.visual.transformer.resblocks
+    blocks = adapter_for(base.model).blocks
     out = {}
     with torch.no_grad():
         for layer in layers:

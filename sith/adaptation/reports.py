@@ -14,7 +14,18 @@ import numpy as np
 
 from sith.adaptation.delta import analyze_delta
 from sith.adaptation.stability import layer_stability, stability
-from sith.adaptation.universality import category_shares, head_profiles, match_profiles, null_scores, specialisation
+from sith.adaptation.universality import (
+    GroundTruth,
+    align_ground_truth,
+    category_shares,
+    dominant_category,
+    head_profiles,
+    label_agreement,
+    match_profiles,
+    null_scores,
+    permutation_p,
+    specialisation,
+)
 from sith.engine.analysis import Analyzer
 from sith.engine.decomposition import CONVENTION
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
@@ -60,6 +71,7 @@ def delta_report(base, finetuned, analyzer: Analyzer, layers: int | Sequence[int
                           "effective_rank": h.effective_rank, "right_subspace_cos": s.mean_right_cos,
                           "left_subspace_cos": s.mean_left_cos, "weighted_matched_cos": s.weighted_matched_cos,
                           "diagonal_dominance": s.diagonal_dominance, "captured": s.captured,
+                          "right_cos": s.right_cos_distribution(), "rotated": s.rotated(),
                           "sigma_ratio": s.sigma_ratio[:8]})
     return jsonable({
         "base": report.base, "finetuned": report.finetuned, "convention": CONVENTION,
@@ -70,25 +82,48 @@ def delta_report(base, finetuned, analyzer: Analyzer, layers: int | Sequence[int
 
 def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, layers_b=None,
                  categories: Mapping[str, Sequence[str]] | None = None, method: str = "comp",
-                 k: int = DEFAULT_K, coherence: float = DEFAULT_COHERENCE, permutations: int = 20,
-                 step: Step = _noop) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(JSON result, extras for plotting) of matching A's heads to B's over one shared vocabulary."""
+                 k: int = DEFAULT_K, coherence: float = DEFAULT_COHERENCE, permutations: int = 200,
+                 step: Step = _noop, ground_truth: tuple[GroundTruth, GroundTruth] | None = None,
+                 seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(JSON result, extras for plotting) of matching A's heads to B's over one shared vocabulary.
+
+    Besides the matches: the concept-usage-preserving null with its permutation p-value (the
+    headline chance level), the old label-shuffle null for comparison, the mean over all head pairs,
+    the full similarity matrix, and the agreement of matched pairs' labels (dominant concept
+    category; ground-truth factor when ``ground_truth`` is given; layer when depths are equal)
+    against a permutation of B's labels.
+    """
     step(0.05, "profiling heads of model A")
     pa = head_profiles(analyzer_a, layers_a, method, k, coherence)
     step(0.5, "profiling heads of model B")
     pb = head_profiles(analyzer_b, layers_b, method, k, coherence)
-    step(0.9, "matching")
+    step(0.8, "matching and permutation tests")
     matches, sim = match_profiles(pa, pb, categories)
-    null = null_scores(pa, pb, permutations)
-    scores = [m.score for m in matches]
+    observed = float(np.mean([m.score for m in matches]))
+    null = null_scores(pa, pb, permutations, seed=seed, kind="usage")
+    label_null = null_scores(pa, pb, permutations, seed=seed, kind="labels")
+    std = float(null.std())
+    row_a = {h: i for i, h in enumerate(pa.heads)}
+    row_b = {h: i for i, h in enumerate(pb.heads)}
+    pairs = [(row_a[m.a], row_b[m.b]) for m in matches]
     result = {
         "a": {"name": analyzer_a.loaded.name, "hash": analyzer_a.loaded.hash, "heads": len(pa.heads)},
         "b": {"name": analyzer_b.loaded.name, "hash": analyzer_b.loaded.hash, "heads": len(pb.heads)},
         "vocabulary_size": len(pa.concepts), "method": method, "k": k, "coherence": coherence,
-        "mean_score": float(np.mean(scores)), "null_mean_score": float(null.mean()),
-        "null_std": float(null.std()), "mutual": sum(m.mutual for m in matches),
+        "mean_score": observed, "null_mean_score": float(null.mean()), "null_std": std,
+        "null": {"kind": "usage", "description": "each concept permuted across B's heads (concept usage kept)",
+                 "permutations": permutations, "mean": float(null.mean()), "std": std,
+                 "p_value": permutation_p(observed, null),
+                 "z": (observed - float(null.mean())) / std if std > 0 else None},
+        "label_shuffle_null": {"description": "B's concept labels shuffled (usage destroyed; too easy, comparison only)",
+                               "mean": float(label_null.mean()), "std": float(label_null.std()),
+                               "p_value": permutation_p(observed, label_null)},
+        "all_pairs_mean": float(sim.mean()),
+        "mutual": sum(m.mutual for m in matches),
         "matches": matches,
+        "similarity": {"heads_a": pa.heads, "heads_b": pb.heads, "matrix": sim.numpy().round(4)},
     }
+    agreement: dict[str, Any] = {}
     if categories:
         names, sa = category_shares(pa, categories)
         _, sb = category_shares(pb, categories)
@@ -100,5 +135,25 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
             "shared_matches": [{"category": m.category_a, "a": m.a, "b": m.b, "score": m.score, "mutual": m.mutual}
                                for m in shared],
         }
+        agreement["dominant_category"] = label_agreement(pairs, dominant_category(sa, names),
+                                                         dominant_category(sb, names), seed=seed)
+    if ground_truth is not None:
+        truth_a, truth_b = ground_truth
+        for key, relative in (("ground_truth", False), ("ground_truth_relative", True)):
+            la, lb = align_ground_truth(pa, truth_a, relative), align_ground_truth(pb, truth_b, relative)
+            agreement[key] = label_agreement(pairs, la, lb, seed=seed)
+            result.setdefault("ground_truth", {})[key] = {
+                "a": {c: la.count(c) for c in sorted(set(la))}, "b": {c: lb.count(c) for c in sorted(set(lb))}}
+        result["ground_truth"]["images"] = truth_a.images
+        result["ground_truth"]["factors"] = truth_a.factors
+        result["ground_truth"]["eta2_a"] = {f"L{l}H{h}": row for (l, h), row in zip(truth_a.heads, truth_a.eta2.numpy().round(4))}
+        result["ground_truth"]["eta2_b"] = {f"L{l}H{h}": row for (l, h), row in zip(truth_b.heads, truth_b.eta2.numpy().round(4))}
+        gt_a, gt_b = (align_ground_truth(pa, truth_a), align_ground_truth(pb, truth_b))
+        for m, (i, j) in zip(matches, pairs):
+            m.truth_a, m.truth_b = gt_a[i], gt_b[j]
+    if analyzer_a.loaded.info.layers == analyzer_b.loaded.info.layers:
+        agreement["same_layer"] = label_agreement(pairs, [str(h[0]) for h in pa.heads], [str(h[0]) for h in pb.heads],
+                                                  seed=seed)
+    result["agreement"] = agreement
     extras = {"profiles_a": pa, "profiles_b": pb, "similarity": sim.numpy(), "matches": matches}
     return jsonable(result), extras

@@ -12,6 +12,11 @@ Per head, with base W = U_b diag(σ_b) V_bᵀ and fine-tuned W_ft = U_f diag(σ_
 
 Every figure is reported plainly and σ_b-weighted (a tail direction with σ ≈ 0 is ill-defined and
 may rotate freely without mattering).
+
+A mean over principal angles hides single rotated directions (a subspace cosine of 0.99 over 32
+angles allows one direction turned by 45°), so the distribution is reported too — minimum,
+median and maximum cosine — and every principal direction or matched vector with cosine below
+``ROTATED_COS`` is flagged as rotated.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from scipy.optimize import linear_sum_assignment
 
 from sith.adaptation.delta import check_compatible
 from sith.engine.decomposition import LayerSVD, decompose_layer, resolve_layers, vo_factors
+from sith.engine.towers import adapter_for
+
+ROTATED_COS = 0.8  # a direction whose best counterpart has |cos| below this (≈ 37°) counts as rotated
 
 
 @dataclass
@@ -51,6 +59,19 @@ class HeadStability:
     @property
     def max_right_angle_deg(self) -> float:
         return float(np.degrees(np.arccos(np.clip(min(self.right_angle_cos), -1.0, 1.0))))
+
+    def right_cos_distribution(self) -> dict[str, float]:
+        """Minimum, median and maximum principal-angle cosine of the right subspaces."""
+        values = np.asarray(self.right_angle_cos, dtype=float)
+        return {"min": float(values.min()), "median": float(np.median(values)), "max": float(values.max())}
+
+    def rotated(self, threshold: float = ROTATED_COS) -> dict[str, list]:
+        """Flagged directions: principal angles (index, degrees) and base vectors whose matched
+        fine-tuned vector has |cos| < threshold (base index j, |cos|, σ_base share)."""
+        angles = [(i, round(float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))), 1))
+                  for i, c in enumerate(self.right_angle_cos) if c < threshold]
+        vectors = [(j, round(float(c), 4)) for j, c in enumerate(self.matched_cos) if c < threshold]
+        return {"principal": angles, "matched_vectors": vectors}
 
 
 def _principal_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,8 +114,8 @@ def head_stability(base: LayerSVD, ft: LayerSVD, w_ft_factors: tuple[torch.Tenso
 def stability(base, finetuned, layers: int | Sequence[int] | None = None) -> list[HeadStability]:
     """Basis stability of every head in the chosen layers (default the last four)."""
     check_compatible(base, finetuned)
-    blocks_b = base.model.visual.transformer.resblocks
-    blocks_f = finetuned.model.visual.transformer.resblocks
+    blocks_b = adapter_for(base.model).blocks
+    blocks_f = adapter_for(finetuned.model).blocks
     heads = base.info.heads
     out = []
     with torch.no_grad():
@@ -109,13 +130,23 @@ def _mean(values: list[float]) -> float:
     return float(np.nanmean(values)) if values else float("nan")
 
 
-def layer_stability(items: list[HeadStability]) -> list[dict]:
-    """Per-layer means of the head figures (what the stability plot draws)."""
+def layer_stability(items: list[HeadStability], threshold: float = ROTATED_COS) -> list[dict]:
+    """Per-layer means of the head figures (what the stability plot draws), plus the distribution of
+    the layer's principal-angle cosines (all heads pooled) and the count of rotated directions."""
     out = []
     for layer in sorted({s.layer for s in items}):
         heads = [s for s in items if s.layer == layer]
+        pooled = np.concatenate([s.right_angle_cos for s in heads])
+        worst = min(heads, key=lambda s: min(s.right_angle_cos))
         out.append({
             "layer": layer,
+            "right_cos_min": float(pooled.min()),
+            "right_cos_median": float(np.median(pooled)),
+            "right_cos_max": float(pooled.max()),
+            "right_cos_min_head": worst.head,
+            "rotated_principal": int((pooled < threshold).sum()),
+            "rotated_matched": int(sum((np.asarray(s.matched_cos) < threshold).sum() for s in heads)),
+            "directions": int(pooled.size),
             "right_subspace_cos": _mean([s.mean_right_cos for s in heads]),
             "left_subspace_cos": _mean([s.mean_left_cos for s in heads]),
             "matched_cos": _mean([float(np.mean(s.matched_cos)) for s in heads]),

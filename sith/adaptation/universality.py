@@ -6,8 +6,22 @@ shared vocabulary, and a head's **concept profile** is the σ·coefficient-weigh
 COMP concepts, p_c = Σ_j σ_j coef_{j,c} / Σ_j σ_j — the Analyzer's theme score, kept for every
 concept. Profiles of model A's heads and model B's heads are compared by cosine similarity and
 paired by Hungarian matching (maximum total similarity, one-to-one). A pair's match score is its
-cosine; ``mutual`` marks pairs that are each other's best match in both directions, which is what
-separates a real shared specialisation from a forced assignment.
+cosine; ``mutual`` marks pairs that are each other's best match in both directions.
+
+**Chance.** A high match score alone says little: two models trained on one world use the same
+few concepts (most profile mass sits on world words), so *any* pairing of their heads scores well.
+The null therefore keeps each model's concept usage and destroys only which head carries what: every
+concept's column of B's profile matrix is permuted across B's heads (``usage_permutation``), the
+Hungarian matching is redone, and the observed mean is compared with that distribution
+(one-sided permutation p-value, ``permutation_p``). The older null, one shuffle of B's concept
+*labels*, also destroys the shared usage and is far too easy (issue 17); it is kept as
+``kind="labels"`` for comparison only. Controls (an untrained vision tower with the trained text
+tower, ``untrained_vision_control``) and the mean over *all* head pairs are reported next to it.
+
+**Ground truth** (testbed models): which world factor a head's write carries, measured on images —
+per head, η² (bias-corrected: ε²) of each factor on the head's direct write to the class token,
+mapped into the joint space (``ground_truth_eta2``). A head's label is its largest-η² factor. Matched pairs' label
+agreement is tested against a permutation of B's labels across its heads (label usage kept).
 
 With named concept categories (e.g. the testbed's factors), each head also gets a specialisation:
 the category holding the largest share of its in-category profile mass, if that share is at least
@@ -16,6 +30,7 @@ the category holding the largest share of its in-category profile mass, if that 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor
+from torch import Tensor, nn
 
 from sith.engine.analysis import Analyzer
 from sith.engine.decomposition import resolve_layers
@@ -31,6 +46,9 @@ from sith.engine.errors import InvalidInput
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
 
 SPECIALISED_SHARE = 0.5
+NULL_KINDS = ("usage", "labels")
+# Factors whose η² labels a head (``group`` is nested in ``shape``, so it is left out).
+GROUND_TRUTH_FACTORS = ("shape", "colour", "background", "texture", "size", "count", "position")
 
 
 @dataclass
@@ -83,6 +101,12 @@ def specialisation(shares: Tensor, names: list[str], threshold: float = SPECIALI
     return [names[int(a)] if float(b) >= threshold else None for b, a in zip(best, arg)]
 
 
+def dominant_category(shares: Tensor, names: list[str]) -> list[str | None]:
+    """Per head, the category with the most profile mass (None for a head with no in-category mass)."""
+    best, arg = shares.max(dim=1)
+    return [names[int(a)] if float(b) > 0 else None for b, a in zip(best, arg)]
+
+
 @dataclass
 class HeadMatch:
     a: tuple[int, int]  # (layer, head) in model A
@@ -92,15 +116,22 @@ class HeadMatch:
     category_a: str | None = None
     category_b: str | None = None
     top_concepts: list[str] | None = None  # concepts both profiles weigh most (product of the two)
+    truth_a: str | None = None  # ground-truth factor label (testbed, when measured)
+    truth_b: str | None = None
+
+
+def similarity_matrix(a: HeadProfiles, b: HeadProfiles) -> Tensor:
+    """Profile cosine of every (A head, B head) pair [nA, nB]."""
+    if a.concepts != b.concepts:
+        raise InvalidInput("dictionary", "both models must be profiled over the same concept list")
+    return F.normalize(a.profiles, dim=1) @ F.normalize(b.profiles, dim=1).T
 
 
 def match_profiles(a: HeadProfiles, b: HeadProfiles, categories: Mapping[str, Sequence[str]] | None = None,
                    shared_top: int = 3) -> tuple[list[HeadMatch], Tensor]:
     """Hungarian matching of A's heads to B's heads on profile cosine similarity; (matches, similarity)."""
-    if a.concepts != b.concepts:
-        raise InvalidInput("dictionary", "both models must be profiled over the same concept list")
+    sim = similarity_matrix(a, b)
     pa, pb = F.normalize(a.profiles, dim=1), F.normalize(b.profiles, dim=1)
-    sim = pa @ pb.T  # [nA, nB]
     rows, cols = linear_sum_assignment(-sim.numpy())
     best_b = sim.argmax(1)
     best_a = sim.argmax(0)
@@ -121,15 +152,270 @@ def match_profiles(a: HeadProfiles, b: HeadProfiles, categories: Mapping[str, Se
     return matches, sim
 
 
-def null_scores(a: HeadProfiles, b: HeadProfiles, permutations: int = 20, seed: int = 0) -> np.ndarray:
-    """Chance level of the mean matched score: B's concept labels shuffled (one permutation for all
-    its heads, so profile sparsity and head-to-head structure survive but meaning does not)."""
+def usage_permutation(profiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each concept's column permuted independently across the heads (rows).
+
+    Keeps how much every concept is used by the model as a whole (column sums and each column's
+    values) and the number of heads; destroys only *which* head carries which concept.
+    """
+    n_heads = profiles.shape[0]
+    order = np.argsort(rng.random(profiles.shape), axis=0)  # an independent permutation per column
+    return profiles[order, np.arange(profiles.shape[1])[None, :]] if n_heads else profiles.copy()
+
+
+def _matched_mean(pa: np.ndarray, pb: np.ndarray) -> float:
+    """Mean Hungarian-matched cosine of two raw profile matrices."""
+    na = pa / np.maximum(np.linalg.norm(pa, axis=1, keepdims=True), 1e-12)
+    nb = pb / np.maximum(np.linalg.norm(pb, axis=1, keepdims=True), 1e-12)
+    sim = na @ nb.T
+    rows, cols = linear_sum_assignment(-sim)
+    return float(sim[rows, cols].mean())
+
+
+def null_scores(a: HeadProfiles, b: HeadProfiles, permutations: int = 200, seed: int = 0,
+                kind: str = "usage") -> np.ndarray:
+    """Mean matched score under the null, one value per permutation.
+
+    ``kind="usage"`` (default): each concept permuted across B's heads (``usage_permutation``).
+    ``kind="labels"``: one shuffle of B's concept labels for all its heads (the pre-issue-17 null:
+    it also breaks the concept usage both models share, so it is too easy; comparison only).
+    """
+    if kind not in NULL_KINDS:
+        raise InvalidInput("null", f"unknown null {kind!r}", suggestions=list(NULL_KINDS))
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise InvalidInput("permutations", f"must be a positive integer, got {permutations!r}")
+    if a.concepts != b.concepts:
+        raise InvalidInput("dictionary", "both models must be profiled over the same concept list")
     rng = np.random.default_rng(seed)
-    pa = F.normalize(a.profiles, dim=1).numpy()
-    pb = F.normalize(b.profiles, dim=1).numpy()
+    pa, pb = a.profiles.double().numpy(), b.profiles.double().numpy()
     out = []
     for _ in range(permutations):
-        sim = pa @ pb[:, rng.permutation(pb.shape[1])].T
-        rows, cols = linear_sum_assignment(-sim)
-        out.append(float(sim[rows, cols].mean()))
+        shuffled = usage_permutation(pb, rng) if kind == "usage" else pb[:, rng.permutation(pb.shape[1])]
+        out.append(_matched_mean(pa, shuffled))
     return np.asarray(out)
+
+
+def permutation_p(observed: float, null: np.ndarray) -> float:
+    """One-sided permutation p-value, (1 + #{null ≥ observed}) / (1 + n): never 0, always in (0, 1]."""
+    null = np.asarray(null, dtype=float)
+    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
+
+
+def label_agreement(pairs: Sequence[tuple[int, int]], labels_a: Sequence[str | None], labels_b: Sequence[str | None],
+                    permutations: int = 1000, seed: int = 0) -> dict:
+    """Share of matched pairs (row i of A, row j of B) whose labels agree, against chance.
+
+    Chance permutes B's labels across B's heads (so how often each label occurs is kept) and
+    re-reads the same pairs; pairs with a None label count as disagreeing.
+    """
+    if not pairs:
+        return {"observed": float("nan"), "chance_mean": float("nan"), "p_value": 1.0, "pairs": 0}
+    la = [labels_a[i] for i, _ in pairs]
+    lb = np.asarray([labels_b[j] if labels_b[j] is not None else "" for j in range(len(labels_b))], dtype=object)
+    cols = np.asarray([j for _, j in pairs])
+
+    def agree(b_labels: np.ndarray) -> float:
+        return float(np.mean([x is not None and x == y for x, y in zip(la, b_labels[cols])]))
+
+    observed = agree(lb)
+    rng = np.random.default_rng(seed)
+    null = np.asarray([agree(lb[rng.permutation(len(lb))]) for _ in range(permutations)])
+    return {"observed": observed, "chance_mean": float(null.mean()), "chance_std": float(null.std()),
+            "p_value": permutation_p(observed, null), "pairs": len(pairs), "agreeing": int(round(observed * len(pairs)))}
+
+
+# --------------------------------------------------------------------------------------------- controls
+
+
+def untrained_vision_control(loaded, seed: int = 0):
+    """A copy of ``loaded`` whose vision tower is re-initialised as open_clip builds it (the text tower,
+    temperature and tokenizer stay trained): the control for "any two models look alike".
+
+    open_clip's ``VisionTransformer`` uses PyTorch's default init for its modules and
+    ``width**-0.5 · N(0, 1)`` for the class/positional embeddings and the projection; this repeats that.
+    Named ``<name>-untrained-vision`` so the model-aware vocabulary rule still applies.
+    """
+    from sith.engine.models import LoadedModel, vision_hash, vision_info
+
+    model = copy.deepcopy(loaded.model)
+    visual = model.visual
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for module in visual.modules():
+                if module is not visual and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                if isinstance(module, nn.MultiheadAttention):
+                    module._reset_parameters()
+            width = visual.transformer.width
+            for name in ("class_embedding", "positional_embedding", "proj"):
+                param = getattr(visual, name, None)
+                if isinstance(param, nn.Parameter) and param.requires_grad is not None:
+                    param.copy_(width ** -0.5 * torch.randn_like(param))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model = model.float().eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=loaded.tokenizer, name=f"{loaded.name}-untrained-vision",
+                       hash=vision_hash(model), info=vision_info(model), preprocess=loaded.preprocess)
+
+
+# ----------------------------------------------------------------------------------------- ground truth
+
+
+@dataclass
+class GroundTruth:
+    heads: list[tuple[int, int]]
+    factors: list[str]
+    eta2: Tensor  # [n_heads, F]: share of the head's write variance explained by each factor (ε², bias-corrected)
+    images: int
+
+    def labels(self, relative: bool = False) -> list[str]:
+        """Largest-η² factor per head; ``relative``: largest η² over that factor's mean η² in this model
+        (raw η² favours background, whose pixels vary most, in every head, trained or not)."""
+        eta2 = self.eta2 / self.eta2.mean(0, keepdim=True).clamp_min(1e-12) if relative else self.eta2
+        return [self.factors[int(i)] for i in eta2.argmax(1)]
+
+
+def _eta_squared(z: Tensor, labels: Tensor) -> float:
+    """Multivariate ε² (bias-corrected η²) of the rows of ``z`` grouped by ``labels`` (−1 dropped):
+    (SS_between − (k − 1)·SS_within/(N − k)) / SS_total, clipped at 0.
+
+    Plain η² = SS_between/SS_total grows by about (k − 1)/(N − 1) by chance, which favours factors
+    with many values (shape: 10, size: 2) when few images are used; ε² removes that bias.
+    """
+    keep = labels >= 0
+    z, labels = z[keep].double(), labels[keep]
+    centred = z - z.mean(0, keepdim=True)
+    total = float((centred ** 2).sum())
+    values = labels.unique()
+    n, k = len(labels), len(values)
+    if total <= 0 or n <= k:
+        return 0.0
+    between = 0.0
+    for value in values:
+        rows = centred[labels == value]
+        between += len(rows) * float((rows.mean(0) ** 2).sum())
+    within = total - between
+    return max(0.0, (between - (k - 1) * within / (n - k)) / total)
+
+
+# Tower families whose image embedding is read from the class token (token 0): only there is "what a
+# head writes to the class token" what reaches the embedding. Pooled / attention-pooled towers differ.
+CLASS_TOKEN_FAMILIES = ("open_clip-vit", "hf-clip")
+
+
+def _class_token_tower(loaded, field: str = "ground_truth"):
+    """The tower adapter of ``loaded`` if its embedding reads the class token, else InvalidInput naming it."""
+    from sith.engine.towers import adapter_for, tower_kind
+
+    tower = adapter_for(loaded, field)
+    if tower.family not in CLASS_TOKEN_FAMILIES:
+        name = getattr(loaded, "name", type(tower.model).__name__)
+        raise InvalidInput(field, f"ground truth reads each head's write to the class token, but {name}'s vision "
+                           f"tower is {tower_kind(tower.model)} ({tower.family}), whose embedding is not read from "
+                           f"the class token; supported tower families: {', '.join(CLASS_TOKEN_FAMILIES)}")
+    return tower
+
+
+def _mha_hook(access, sink: list[Tensor]):
+    """nn.MultiheadAttention never calls its out_proj as a module, so the class-token row of each head's
+    attention output is recomputed from the attention's own input (the block's normalised stream)."""
+    heads, dh, d = access.num_heads, access.head_dim, access.width
+
+    def run(module: nn.MultiheadAttention, args, kwargs) -> None:
+        x = args[0] if args else kwargs["query"]
+        if not module.batch_first:
+            x = x.transpose(0, 1)  # [T, B, d] -> [B, T, d]
+        qkv = F.linear(x, module.in_proj_weight, module.in_proj_bias)  # [B, T, 3d]
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        b, t, _ = x.shape
+        q0 = q[:, 0].reshape(b, heads, dh)
+        attn = torch.softmax(torch.einsum("bhd,bthd->bht", q0, k.reshape(b, t, heads, dh)) / dh ** 0.5, dim=-1)
+        out = torch.einsum("bht,bthd->bhd", attn, v.reshape(b, t, heads, dh))  # [B, H, dh]
+        sink.append(_per_head(out, access.out.weight, heads, dh))
+    return run
+
+
+def _out_hook(access, sink: list[Tensor]):
+    """Blocks whose output Linear is called as a module (timm, transformers): its input is the
+    concatenated per-head attention outputs [B, T, H·dh], so the class token's row is read directly."""
+    heads, dh = access.num_heads, access.head_dim
+
+    def run(module: nn.Linear, args) -> None:
+        x = args[0]
+        sink.append(_per_head(x[:, 0].reshape(x.shape[0], heads, dh), module.weight, heads, dh))
+    return run
+
+
+def _per_head(out: Tensor, weight: Tensor, heads: int, dh: int) -> Tensor:
+    """[B, H, dh] head outputs through each head's columns of the output weight [d, H·dh] -> [H, B, d]."""
+    w_o = weight.reshape(weight.shape[0], heads, dh)
+    return torch.einsum("bhe,dhe->hbd", out, w_o).detach().cpu()
+
+
+def head_cls_writes(loaded, images: Tensor, batch_size: int = 250) -> dict[int, Tensor]:
+    """Per layer [H, B, d]: what each head adds to the class token (attention-weighted values through
+    its slice of W_O, out-projection bias and LayerScale left out).
+
+    Reached through the tower adapter (its blocks, head shapes and output Linears), for towers whose
+    embedding reads the class token (``CLASS_TOKEN_FAMILIES``); InvalidInput naming the tower otherwise.
+    """
+    from sith.engine.towers.blocks import MHABlock
+
+    tower = _class_token_tower(loaded)
+    model = tower.model
+    captured: dict[int, list[Tensor]] = {i: [] for i in range(tower.num_layers)}
+    handles = []
+    try:
+        for i in range(tower.num_layers):
+            access = tower.access(i)
+            if isinstance(access, MHABlock):
+                handles.append(access.block.attn.register_forward_pre_hook(_mha_hook(access, captured[i]),
+                                                                           with_kwargs=True))
+            else:
+                handles.append(access.out.register_forward_pre_hook(_out_hook(access, captured[i])))
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model.encode_image(images[start:start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: torch.cat(parts, dim=1) for i, parts in captured.items()}
+
+
+def ground_truth_eta2(loaded, n_images: int = 1000, layers: int | Sequence[int] | None = None,
+                      factors: Sequence[str] = GROUND_TRUTH_FACTORS) -> GroundTruth:
+    """η² of each world factor on every head's class-token write, mapped into the joint space
+    (ln_post's gain and the projection; the per-image LayerNorm scale is left out), over ``n_images``
+    held-out natural world images (the evaluation's factor set: seed 1,000,000)."""
+    from sith.testbed.evaluate import factor_set
+
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 10:
+        raise InvalidInput("n_images", f"needs an integer >= 10, got {n_images!r}")
+    pullback = _class_token_tower(loaded).pullback_matrix()  # diag(γ_post) P: the readout's linear part
+    if pullback is None:
+        raise InvalidInput("ground_truth", f"{loaded.name}: the vision tower's readout has no linear part")
+    pullback = pullback.detach().float().cpu()
+    batch = factor_set(n_images)
+    writes = head_cls_writes(loaded, batch.images)
+    chosen = resolve_layers(loaded.info, layers) if layers is not None else list(range(loaded.info.layers))
+    heads, rows = [], []
+    for layer in chosen:
+        for h in range(loaded.info.heads):
+            z = writes[layer][h]
+            z = (z - z.mean(1, keepdim=True)) @ pullback
+            heads.append((layer, h))
+            rows.append([_eta_squared(z, batch.labels[f]) for f in factors])
+    return GroundTruth(heads=heads, factors=list(factors), eta2=torch.tensor(rows), images=n_images)
+
+
+def align_ground_truth(profiles: HeadProfiles, truth: GroundTruth, relative: bool = False) -> list[str]:
+    """Ground-truth labels in the order of ``profiles.heads``."""
+    index = {h: i for i, h in enumerate(truth.heads)}
+    missing = [h for h in profiles.heads if h not in index]
+    if missing:
+        raise InvalidInput("ground_truth", f"no ground truth for heads {missing[:3]}")
+    labels = truth.labels(relative)
+    return [labels[index[h]] for h in profiles.heads]

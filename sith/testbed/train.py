@@ -96,7 +96,11 @@ def load_preset(name: str) -> Preset:
 
 
 def build_model(model_cfg: dict[str, Any]) -> open_clip.model.CLIP:
-    return open_clip.model.CLIP(**model_cfg)
+    """CLIP, or CustomTextCLIP for a timm/custom tower (``custom_text``, e.g. testbed-siglip)."""
+    import sith.engine.towers  # noqa: F401  (registers the testbed's timm towers)
+
+    cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+    return (open_clip.model.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.model.CLIP)(**cfg)
 
 
 def build_tokenizer(model_cfg: dict[str, Any]) -> open_clip.SimpleTokenizer:
