@@ -123,6 +123,8 @@ def test_find_json_ranks_hits(model_dir, vocab) -> None:
         (["explain", "--layer", "9"], "layers: layer 9 is out of range"),
         (["explain", "--coherence", "-0.5"], "coherence: must be >= 0"),
         (["explain", "--image-mean", "nowhere.pt"], "image_mean:"),
+        (["explain", "--min-confidence", "1.5"], "min_confidence: must be between 0 and 1"),
+        (["find", "dog", "--min-confidence", "-0.1"], "min_confidence: must be between 0 and 1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(model_dir, vocab, args, fragment) -> None:
@@ -148,3 +150,36 @@ def test_explain_default_model_and_vocabulary() -> None:
     assert payload["dictionary_size"] == len(testbed_words.testbed_vocabulary())
     code, stdout, _ = run("explain", "--json", "--dictionary", "default", "-l", "-1")
     assert code == 0 and json.loads(stdout)["dictionary_size"] >= 20_000
+
+
+def test_explain_shows_confidence_and_says_what_fidelity_means(model_dir, vocab) -> None:
+    code, stdout, _ = run("explain", "--config", str(model_dir), "--dictionary", str(vocab),
+                          "--layer", "-1", "--head", "0", "--vectors", "5", "--fidelity")
+    assert code == 0
+    assert "conf" in stdout and "0 or negative" in stdout
+    code, stdout, _ = run("explain", "--config", str(model_dir), "--dictionary", str(vocab), "--json")
+    vectors = [v for h in json.loads(stdout)["heads"] for v in h["vectors"]]
+    assert vectors and all(0.0 <= v["confidence"] <= 1.0 for v in vectors)
+
+
+def test_min_confidence_hides_unsure_explanations(model_dir, vocab) -> None:
+    code, stdout, _ = run("explain", "--config", str(model_dir), "--dictionary", str(vocab), "--json")
+    confidences = sorted(v["confidence"] for h in json.loads(stdout)["heads"] for v in h["vectors"])
+    cut = confidences[len(confidences) // 2]
+    code, stdout, _ = run("explain", "--config", str(model_dir), "--dictionary", str(vocab), "--json",
+                          "--min-confidence", str(cut))
+    kept = [v["confidence"] for h in json.loads(stdout)["heads"] for v in h["vectors"]]
+    assert code == 0 and kept and all(c >= cut for c in kept) and len(kept) < len(confidences)
+    code, stdout, _ = run("find", "dog", "--config", str(model_dir), "--dictionary", str(vocab), "--json",
+                          "--top", "3", "--min-confidence", str(cut))
+    hits = json.loads(stdout)["hits"]
+    assert code == 0 and len(hits) <= 3 and all(h["confidence"] >= cut for h in hits)
+
+
+@pytest.mark.slow
+def test_testbed_tables_mark_words_outside_the_world() -> None:
+    code, stdout, _ = run("explain", "--json", "-l", "-1")
+    payload = json.loads(stdout)
+    assert set(payload["world_words"]) == set(testbed_words.world_words())
+    code, stdout, _ = run("explain", "-l", "-1", "--dictionary", "default", "--head", "0")
+    assert code == 0 and "°" in stdout  # English words are not world words: every table marks them

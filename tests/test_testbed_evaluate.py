@@ -80,3 +80,54 @@ def test_bad_sizes_are_rejected(tiny):
         evaluate(model, tokenizer, n_factor=0)
     with pytest.raises(InvalidInput):
         evaluate(model, tokenizer, n_factor=10, n_spurious=2)
+
+
+@pytest.mark.slow
+def test_cli_evaluate_writes_where_asked_never_into_the_package(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from sith.cli import main
+    from sith.testbed.checkpoint import CHECKPOINT_DIR
+
+    shipped = CHECKPOINT_DIR / "testbed-small" / "eval.json"
+    before = shipped.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    sizes = ["--n-factor", "40", "--n-spurious", "8", "--n-retrieval", "10"]
+    result = CliRunner().invoke(main, ["testbed", "evaluate", "small", *sizes], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "zero-shot colour" in result.output
+    written = json.loads((tmp_path / "testbed-small.eval.json").read_text())
+    assert written["model"] == "testbed-small" and written["zero_shot"]["colour"]["n"] == 40
+    assert shipped.read_bytes() == before
+    out = tmp_path / "results" / "small.json"
+    result = CliRunner().invoke(main, ["testbed", "evaluate", "testbed-small", *sizes, "--out", str(out), "--json"])
+    assert result.exit_code == 0 and json.loads(out.read_text())["hash"] == json.loads(result.stdout)["hash"]
+    clash = CliRunner().invoke(main, ["testbed", "evaluate", "small", "--out", str(out), "--no-write"])
+    assert clash.exit_code == 2 and "--out" in clash.output
+
+
+def test_train_defaults_to_the_users_data_folder(tmp_path, monkeypatch):
+    from sith.cli.testbed import default_train_dir
+    from sith.testbed.checkpoint import CHECKPOINT_DIR
+
+    monkeypatch.setenv("SITH_DATA_DIR", str(tmp_path))
+    assert default_train_dir("testbed-main") == tmp_path / "testbed" / "testbed-main"
+    assert CHECKPOINT_DIR not in default_train_dir("testbed-main").parents
+
+
+def test_evaluate_folder_writes_only_when_given_a_path(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    from sith.testbed.evaluate import evaluate_folder
+
+    model, _ = tiny
+    (tmp_path / "open_clip_config.json").write_text(__import__("json").dumps({"model_cfg": TINY_CFG}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    result = evaluate_folder(tmp_path, n_factor=8, n_spurious=4, n_retrieval=4)
+    assert result["model"] == tmp_path.name and not (tmp_path / "eval.json").exists()
+    evaluate_folder(tmp_path, tmp_path / "out.json", n_factor=8, n_spurious=4, n_retrieval=4)
+    assert (tmp_path / "out.json").is_file()
+    with pytest.raises(InvalidInput):
+        evaluate_folder(tmp_path, tmp_path, n_factor=8, n_spurious=4, n_retrieval=4)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
-from sith.cli.analysis import load, make_analyzer, model_options, rich_progress
+from sith.cli.analysis import load, make_analyzer, model_options, out, rich_progress
 from sith.engine.errors import InvalidInput
+from sith.engine.jointspace import DEFAULT_IMAGE_MEAN
 
 ACTIONS = ("suppress", "amplify", "flip", "scale")
+OPERATOR_CHOICES = ("auto", "head_project", "sith_scale", "head_ablation", "output_projection")
 
 
 def _spec_options(func):
@@ -19,15 +21,25 @@ def _spec_options(func):
                      help="Edit spec JSON (instead of the inline options below)."),
         click.option("--concept", "concepts", multiple=True, help="Concept by name (repeatable)."),
         click.option("--action", type=click.Choice(ACTIONS), default="suppress", show_default=True),
-        click.option("--strength", type=float, default=None, help="α (default: suppress 0, amplify 1.5, flip -1)."),
-        click.option("--top", type=int, default=None, help="Select the N most relevant vectors (default 8)."),
+        click.option("--operator", type=click.Choice(OPERATOR_CHOICES), default="auto", show_default=True,
+                     help="How the model is changed (docs/edits.md); auto = head_project."),
+        click.option("--target", type=float, default=None,
+                     help="Goal: suppress to this predicted presence (default 0.15), amplify by this factor."),
+        click.option("--preserve", "preserve", multiple=True, help="Concept that must not move (repeatable)."),
+        click.option("--no-preserve-neighbours", is_flag=True,
+                     help="Do not protect the concept's dictionary neighbours (e.g. the other colours)."),
+        click.option("--strength", type=float, default=None,
+                     help="α (expert; default: solved for the target, or suppress 0 / amplify 1.5 / flip -1 "
+                          "with --top)."),
+        click.option("--top", type=int, default=None, help="Expert override: the N best writers instead of the "
+                     "planner's choice."),
         click.option("--threshold", type=float, default=None, help="Select every vector with relevance >= T."),
         click.option("--vector", "vectors", multiple=True, help="Explicit LAYER,HEAD,INDEX (repeatable)."),
         click.option("--layers", default=None, help="Comma-separated layers (negative ok; default last four)."),
         click.option("--dictionary", default=None, type=click.Path(dir_okay=False),
                      help="Concept list, one per line, or 'default' / 'testbed' (as for `sith explain`)."),
-        click.option("--image-mean", default="directions", show_default=True,
-                     help="'directions' (data-free), 'none', a tensor file or an image folder."),
+        click.option("--image-mean", default=DEFAULT_IMAGE_MEAN, show_default=True,
+                     help="Data-free mean (as for `sith explain`), 'none', a tensor file or an image folder."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the on-disk artifact cache."),
     ]
     for option in reversed(options):
@@ -42,7 +54,8 @@ def _load(model_name, pretrained, checkpoint, config, spec_model: str | None, de
     return load(model_name, pretrained, checkpoint, config, device)
 
 
-def _inline_spec(model: str, concepts, action, strength, top, threshold, vectors, layers):
+def _inline_spec(model: str, concepts, action, strength, top, threshold, vectors, layers, operator="auto",
+                 target=None, preserve=(), no_preserve_neighbours=False):
     from sith.edits.spec import EditSpec
 
     if not concepts:
@@ -51,7 +64,7 @@ def _inline_spec(model: str, concepts, action, strength, top, threshold, vectors
                              ("explicit", bool(vectors))) if on]
     if len(rules) > 1:
         raise InvalidInput("--top/--threshold/--vector", "choose one selection rule")
-    select: dict = {"rule": rules[0] if rules else "top_n"}
+    select: dict = {"rule": rules[0] if rules else "auto"}
     if top is not None:
         select["n"] = top
     if threshold is not None:
@@ -61,7 +74,9 @@ def _inline_spec(model: str, concepts, action, strength, top, threshold, vectors
             select["vectors"] = [[int(x) for x in v.split(",")] for v in vectors]
         except ValueError:
             raise InvalidInput("--vector", f"expected LAYER,HEAD,INDEX, got {vectors!r}") from None
-    op = {"concepts": list(concepts), "action": action, "strength": strength, "select": select}
+    op = {"concepts": list(concepts), "action": action, "strength": strength, "select": select,
+          "operator": operator, "target": target, "preserve": list(preserve),
+          "preserve_neighbours": not no_preserve_neighbours}
     if layers:
         try:
             op["layers"] = [int(x) for x in layers.split(",")]
@@ -80,46 +95,61 @@ def _plan(opts: dict):
                    spec.model if spec else None, opts["device"])
     if spec is None:
         spec = _inline_spec(loaded.name, opts["concepts"], opts["action"], opts["strength"], opts["top"],
-                            opts["threshold"], opts["vectors"], opts["layers"])
+                            opts["threshold"], opts["vectors"], opts["layers"], opts["operator"], opts["target"],
+                            opts["preserve"], opts["no_preserve_neighbours"])
     progress = rich_progress()
     analyzer = make_analyzer(loaded, opts["dictionary"], opts["image_mean"], opts["device"], opts["no_cache"], progress)
     with progress:
         return loaded, plan_edit(analyzer, spec)
 
 
+def _writer(a) -> tuple[str, str, str]:
+    if a.layer < 0:
+        return "proj", "–", "–"
+    return str(a.layer), str(a.head), "–" if a.index < 0 else str(a.index)
+
+
 def _print_plan(plan) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    vectors = Table(title=f"Vectors that would change ({len(plan.affected)}) — judge {plan.judge}")
-    for col in ("op", "layer", "head", "idx", "σ", "α", "relevance", "explanation (COMP)"):
+    console = out  # wide when piped (sith.cli.console)
+    ops = "; ".join(f"[{i}] {op.action} {', '.join(op.concepts)} with {op.operator}"
+                    + (f" to {op.target:g}" if op.target is not None else "")
+                    for i, op in enumerate(plan.spec.operations))
+    console.print(f"Edit: {ops}")
+    predicted = Table(title="Predicted presence (data-free; 1 = untouched, 0 = removed)")
+    for col in ("concept", "role", "before", "after"):
+        predicted.add_column(col)
+    for e in plan.predicted:
+        predicted.add_row(e.concept, e.role, f"{e.before:.2f}", f"{e.after:.3f}")
+    console.print(predicted)
+    vectors = Table(title=f"Writers that would change ({len(plan.affected)}) — judge {plan.judge}")
+    for col in ("op", "operator", "layer", "head", "idx", "σ / share", "α", "relevance", "explanation"):
         vectors.add_column(col)
     for a in plan.affected:
         words = ", ".join(f"{c} {w:.2f}" for c, w in a.concepts)
-        vectors.add_row(str(a.operation), str(a.layer), str(a.head), str(a.index), f"{a.sigma:.3f}",
-                        f"{a.alpha:g}", f"{a.relevance:.3f}", words)
+        vectors.add_row(str(a.operation), a.operator, *_writer(a), f"{a.sigma:.3f}", f"{a.alpha:.3g}",
+                        f"{a.relevance:.3f}", words)
     console.print(vectors)
-    heads = Table(title="Spectral energy Σσ² per affected head")
-    for col in ("layer", "head", "vectors", "before", "after", "kept"):
+    heads = Table(title="Write energy per affected head (Σσ² before, ‖diag(ασ)VᵀT‖² after)")
+    for col in ("layer", "head", "writers", "before", "after", "kept"):
         heads.add_column(col)
     for h in plan.heads:
         heads.add_row(str(h.layer), str(h.head), str(h.vectors), f"{h.energy_before:.4f}", f"{h.energy_after:.4f}",
                       f"{100 * h.energy_ratio:.1f}%")
     console.print(heads)
-    align = Table(title="Concept alignment ‖diag(σ)Vᵀy_c‖ per affected head (data-free)")
-    for col in ("concept", "layer", "head", "before", "after", "kept"):
-        align.add_column(col)
-    for row in plan.concept_alignment:
-        align.add_row(row.concept, str(row.layer), str(row.head), f"{row.before:.4f}", f"{row.after:.4f}",
-                      f"{100 * row.ratio:.1f}%")
-    console.print(align)
     for note in plan.notes:
         console.print(f"note: {note}")
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
 
 
-def _edit_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".safetensors") + ".edit.safetensors")
+def _changes(multipliers) -> str:
+    """"3 singular values, 24 write maps": what an edit changes, in both of its forms."""
+    parts = [f"{len(multipliers.changed())} singular value(s)"]
+    if multipliers.maps:
+        parts.append(f"{len(multipliers.maps)} write map(s)")
+    return ", ".join(parts)
 
 
 @click.group("edit")
@@ -145,11 +175,14 @@ def preview(as_json: bool, **opts) -> None:
 @_spec_options
 @click.option("--multipliers", "multipliers_path", type=click.Path(exists=True, dir_okay=False),
               help="Re-apply a stored edit (*.edit.safetensors) instead of planning one.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors checkpoint.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a folder (open_clip layout, loads with open_clip 'local-dir:') or one X.safetensors "
+                   "file that carries its config. Both reopen with any `sith --model`.")
 def apply(multipliers_path: str | None, out: str, **opts) -> None:
-    """Apply an edit and export a stock open_clip checkpoint (+ OUT.edit.safetensors multipliers)."""
+    """Apply an edit and export the edited model (+ its multipliers, to re-apply, compose or revert)."""
     from sith.edits.apply import apply_multipliers
-    from sith.edits.export import export_checkpoint
+    from sith.edits.export import export_model
+    from sith.edits.export import multipliers_path as edit_file
     from sith.edits.multipliers import Multipliers
     from sith.engine.decomposition import decompose
 
@@ -168,9 +201,9 @@ def apply(multipliers_path: str | None, out: str, **opts) -> None:
         multipliers, decomposition, manifest = plan.multipliers, plan.decomposition, plan.manifest()
         _print_plan(plan)
     edited = apply_multipliers(loaded.model, multipliers, decomposition)
-    export_checkpoint(edited, out_path, manifest)
-    multipliers.save(_edit_path(out_path))
-    click.echo(f"wrote {out_path} and {_edit_path(out_path)} ({len(multipliers.changed())} vectors changed)")
+    export_model(edited, out_path, manifest, loaded.config)
+    multipliers.save(edit_file(out_path))
+    click.echo(f"wrote {out_path} and {edit_file(out_path)} ({_changes(multipliers)} changed)")
 
 
 @edit.command("revert")
@@ -178,12 +211,12 @@ def apply(multipliers_path: str | None, out: str, **opts) -> None:
 @model_options
 @click.option("--remove", "remove_path", type=click.Path(exists=True, dir_okay=False),
               help="Remove only this edit (*.edit.safetensors) from a composed one; default: remove all.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Output folder or X.safetensors (as for apply).")
 def revert(edited: str, remove_path: str | None, out: str, model_name, pretrained, checkpoint, config,
            device: str) -> None:
     """Undo an exported edit: rebuild from the base model (given with the model options)."""
     from sith.edits.apply import apply_multipliers
-    from sith.edits.export import export_checkpoint, read_manifest
+    from sith.edits.export import export_model, read_manifest
     from sith.edits.multipliers import Multipliers
     from sith.engine.decomposition import decompose
 
@@ -198,18 +231,62 @@ def revert(edited: str, remove_path: str | None, out: str, model_name, pretraine
     else:
         remaining = Multipliers.ones(current.layers, *next(iter(current.values.values())).shape, base.hash)
     result = apply_multipliers(base.model, remaining, decompose(base, remaining.layers))
-    export_checkpoint(result, Path(out), {"base_model": base.name, "base_hash": base.hash, "spec": None,
-                                          "multipliers": remaining.to_manifest(), "reverted_from": Path(edited).name})
-    click.echo(f"wrote {out} ({len(remaining.changed())} vectors still edited)")
+    export_model(result, Path(out), {"base_model": base.name, "base_hash": base.hash, "spec": None,
+                                     "multipliers": remaining.to_manifest(), "reverted_from": Path(edited).name},
+                 base.config)
+    click.echo(f"wrote {out} ({_changes(remaining)} still edited)")
 
 
 @edit.command("show")
 @click.argument("edited", type=click.Path(exists=True))
-def show(edited: str) -> None:
-    """Print the SITH manifest of an exported checkpoint."""
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest as JSON.")
+def show(edited: str, as_json: bool) -> None:
+    """Summarise the SITH manifest of an exported checkpoint (--json: the raw manifest)."""
     from sith.edits.export import read_manifest
 
-    click.echo(json.dumps(read_manifest(edited), indent=2))
+    manifest = read_manifest(edited)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    for line in summary_lines(manifest):
+        click.echo(line)
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """A readable summary of a manifest: base model, operations, what changed, predicted effect."""
+    lines = [f"Edited checkpoint (format {manifest.get('format', '?')} v{manifest.get('version', '?')})",
+             f"  base model: {manifest.get('base_model')} ({str(manifest.get('base_hash'))[:12]})"]
+    spec = manifest.get("spec")
+    if spec:
+        for i, op in enumerate(spec.get("operations", [])):
+            goal = f", target {op['target']:g}" if op.get("target") is not None else ""
+            strength = f", α {op['strength']:g}" if op.get("strength") is not None else ""
+            keep = f", preserving {', '.join(op['preserve'])}" if op.get("preserve") else ""
+            neighbours = " (+ dictionary neighbours)" if op.get("preserve_neighbours", False) else ""
+            lines.append(f"  operation {i}: {op.get('action')} {', '.join(op.get('concepts', []))} with "
+                         f"{op.get('operator', 'sith_scale')}{goal}{strength}{keep}{neighbours}")
+    else:
+        source = manifest.get("source") or manifest.get("reverted_from")
+        lines.append(f"  no spec (re-applied or reverted{f' from {source}' if source else ''})")
+    mult = manifest.get("multipliers") or {}
+    changed = mult.get("changed", [])
+    maps = mult.get("maps", [])
+    heads = sorted({(m[1], m[2]) for m in maps if m[0] == "head"} | {(c[0], c[1]) for c in changed})
+    output = any(m[0] == "output" for m in maps)
+    lines.append(f"  changed: {len(changed)} singular value(s), {len(maps)} write map(s), {len(heads)} head(s)"
+                 + (", visual.proj" if output else "") + f"; layers {mult.get('layers', [])}")
+    if heads:
+        shown = ", ".join(f"L{layer}H{head}" for layer, head in heads[:12])
+        lines.append(f"  heads: {shown}{' …' if len(heads) > 12 else ''}")
+    predicted = manifest.get("predicted") or []
+    if predicted:
+        lines.append("  predicted presence (data-free; 1 = untouched):")
+        for e in predicted:
+            lines.append(f"    {e['concept']:<16} {e['role']:<8} {e['after']:.3f}")
+    for warning in manifest.get("warnings") or []:
+        lines.append(f"  warning: {warning}")
+    lines.append("  (sith edit show --json prints the full manifest)")
+    return lines
 
 
 def register(group: click.Group) -> None:

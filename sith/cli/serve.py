@@ -18,6 +18,18 @@ from dataclasses import replace
 import click
 
 LOCAL_ADDRESS = "127.0.0.1:50051"
+SERVICE_HINT = ("the SITH service is not installed (the `sith` library ships without grpc and redis); "
+                "install it with: pip install -e ./proto -e ./server   (packages sith-api, sith-service)")
+
+
+def require_service(command: str) -> None:
+    """A clear error, not a traceback, when `sith serve` / `sith worker` runs without the service."""
+    import importlib.util
+
+    missing = [name for name in ("sith_server", "sith_workers", "sith_api", "grpc", "redis")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.ClickException(f"`sith {command}`: {SERVICE_HINT} (missing: {', '.join(missing)})")
 
 
 def _environment(address: str | None, workers: int | None, models: tuple[str, ...],
@@ -29,9 +41,6 @@ def _environment(address: str | None, workers: int | None, models: tuple[str, ..
         if value is not None:
             env[name] = str(value)
     embedded = not env.get("SITH_REDIS_URL") and not env.get("SITH_AUTH_TOKENS_FILE")
-    if not env.get("SITH_MODELS"):
-        # The embedded testbed model only knows its world's words: explain over those.
-        env.setdefault("SITH_VOCABULARY", "testbed")
     if embedded:
         env.setdefault("SITH_AUTH_DISABLED", "1")
         if not env.get("SITH_GRPC_ADDRESS"):
@@ -53,6 +62,7 @@ def _environment(address: str | None, workers: int | None, models: tuple[str, ..
 def serve(address: str | None, workers: int | None, models: tuple[str, ...], metrics_port: int | None,
           grace: float, prefix: str) -> None:
     """Run the SITH gRPC service until SIGTERM/Ctrl-C."""
+    require_service("serve")
     from sith_server.app import build
     from sith_server.config import ServerConfig
     from sith_workers.embedded import EmbeddedRedis
@@ -78,7 +88,8 @@ def serve(address: str | None, workers: int | None, models: tuple[str, ...], met
             click.echo("sith serve: embedded default, auth disabled (set SITH_AUTH_TOKENS_FILE to enable)", err=True)
         config = replace(config, redis_url=redis_url)
         if config.workers:
-            settings = WorkerSettings(redis_url=redis_url, prefix=prefix, cache_ttl_s=config.cache_ttl_s)
+            settings = WorkerSettings(redis_url=redis_url, prefix=prefix, cache_ttl_s=config.cache_ttl_s,
+                                      data_dir=config.data_dir)
             pool = WorkerPool(settings, [config.device], concurrency=config.workers).start()
         else:
             click.echo("sith serve: no workers started; jobs wait for `sith worker` processes", err=True)

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from sith.engine.errors import InvalidInput
@@ -27,6 +25,7 @@ def testbed() -> None:
               help="natural, main-mix or spurious-train.")
 def generate(out_dir: Path, count: int, seed: int, dist_name: str) -> None:
     """Write COUNT images as PNGs plus captions.jsonl (caption and factor labels per image)."""
+    import numpy as np
     from PIL import Image
 
     from sith.testbed.spurious import distribution
@@ -45,12 +44,19 @@ def generate(out_dir: Path, count: int, seed: int, dist_name: str) -> None:
     click.echo(f"wrote {count} images to {out_dir}")
 
 
+def default_train_dir(name: str) -> Path:
+    """Where ``sith testbed train`` saves by default: the user's data folder, never the installed package."""
+    from sith.engine.cache import data_dir
+
+    return data_dir() / "testbed" / name
+
+
 @testbed.command("train")
 @click.option("--preset", default="main", show_default=True, help="main, small, or a preset JSON path.")
 @click.option("--steps", type=int, default=None, help="Override the step count (of every stage).")
 @click.option("--threads", type=int, default=None, help="Override torch CPU threads.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Checkpoint folder (default sith/testbed/checkpoints/<name>).")
+              help="Checkpoint folder (default $SITH_DATA_DIR/testbed/<name>, i.e. ~/.cache/sith/testbed/<name>).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def train_cmd(preset: str, steps: int | None, threads: int | None, out_dir: Path | None, device: str | None) -> None:
     """Train a testbed CLIP model and save it in open_clip's folder layout."""
@@ -60,8 +66,15 @@ def train_cmd(preset: str, steps: int | None, threads: int | None, out_dir: Path
     overrides = {k: v for k, v in (("steps", steps), ("threads", threads)) if v is not None}
     p.train = dataclasses.replace(p.train, **overrides)
     p.stages = [dataclasses.replace(stage, **overrides) for stage in p.stages]  # --steps: every stage
-    summary = train(p, out_dir=out_dir, device=device, log=click.echo)
-    click.echo(f"saved {summary['name']} after {summary['train_seconds']} s (final loss {summary['final_loss']})")
+    folder = out_dir if out_dir is not None else default_train_dir(p.name)
+    summary = train(p, out_dir=folder, device=device, log=click.echo)
+    click.echo(f"saved {summary['name']} to {folder} after {summary['train_seconds']} s "
+               f"(final loss {summary['final_loss']})")
+
+
+def _reference(model: str) -> str:
+    """``main``/``small`` (the presets) name the shipped testbed models; anything else is a model reference."""
+    return f"testbed-{model}" if model in ("main", "small") else model
 
 
 @testbed.command("evaluate")
@@ -69,25 +82,38 @@ def train_cmd(preset: str, steps: int | None, threads: int | None, out_dir: Path
 @click.option("--n-factor", default=2000, show_default=True)
 @click.option("--n-spurious", default=1000, show_default=True)
 @click.option("--n-retrieval", default=1000, show_default=True)
-@click.option("--no-write", is_flag=True, help="Do not write <folder>/eval.json.")
-def evaluate_cmd(model: str, n_factor: int, n_spurious: int, n_retrieval: int, no_write: bool) -> None:
-    """Evaluate MODEL (a preset name such as main/small, or a checkpoint folder)."""
-    from sith.testbed.checkpoint import CHECKPOINT_DIR
-    from sith.testbed.evaluate import evaluate_folder, summary_rows
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the full result as JSON here (default ./<model>.eval.json).")
+@click.option("--no-write", is_flag=True, help="Only print the table; write no JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of the table.")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_cmd(model: str, n_factor: int, n_spurious: int, n_retrieval: int, out_path: Path | None,
+                 no_write: bool, as_json: bool, device: str) -> None:
+    """Zero-shot, worst-group and retrieval scores of MODEL on held-out testbed images.
 
-    folder = Path(model)
-    if not folder.is_dir():
-        folder = CHECKPOINT_DIR / f"testbed-{model.removeprefix('testbed-')}"
-    if not folder.is_dir():
-        raise InvalidInput("model", f"no checkpoint folder {model!r}")
-    result = evaluate_folder(folder, write=not no_write, n_factor=n_factor, n_spurious=n_spurious,
-                             n_retrieval=n_retrieval)
-    table = Table(title=f"{folder.name}: held-out evaluation")
+    MODEL is main/small (the shipped testbed models) or any model reference: testbed-main, a
+    checkpoint folder, an edited model (`sith edit apply --out`), hf-hub:ORG/REPO, ...
+    """
+    from sith.cli.console import console
+    from sith.testbed.evaluate import evaluate_reference, summary_rows, write_result
+
+    if out_path is not None and no_write:
+        raise InvalidInput("--out", "--out and --no-write contradict each other")
+    result = evaluate_reference(_reference(model), device=device, n_factor=n_factor, n_spurious=n_spurious,
+                                n_retrieval=n_retrieval)
+    if not no_write:
+        target = out_path or Path(f"{Path(str(result['model'])).name.replace('/', '-')}.eval.json")
+        write_result(result, target)
+        click.echo(f"wrote {target}", err=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{result['model']}: held-out evaluation")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in summary_rows(result):
         table.add_row(name, f"{value:.3f}")
-    Console().print(table)
+    console().print(table)
 
 
 def register(group: click.Group) -> None:

@@ -41,9 +41,10 @@ def _devices(spec: str) -> list[str]:
 def worker(redis_url: str, device: str, concurrency: int, lease_s: float, plugins: tuple[str, ...],
            prefix: str) -> None:
     """Consume jobs (decompose, explain, find, edit, ...) from Redis until SIGTERM/Ctrl-C."""
+    from sith.cli.serve import require_service
+
+    require_service("worker")
     from sith_workers.connection import RedisUnavailable, connect
-    from sith_workers.pool import WorkerPool
-    from sith_workers.worker import WorkerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s")
     devices = _devices(device)
@@ -51,6 +52,10 @@ def worker(redis_url: str, device: str, concurrency: int, lease_s: float, plugin
         connect(redis_url).ping()
     except Exception as exc:  # noqa: BLE001 - redis errors of any kind mean "cannot start"
         raise click.ClickException(str(RedisUnavailable(f"Redis at {redis_url} is unavailable: {exc}"))) from exc
+    # The pool imports the engine (torch, open_clip: seconds), so only after Redis answered.
+    from sith_workers.pool import WorkerPool
+    from sith_workers.worker import WorkerSettings
+
     settings = WorkerSettings.from_env(redis_url, prefix=prefix, lease_s=lease_s, plugins=plugins)
     pool = WorkerPool(settings, devices, concurrency).start()
     click.echo(f"sith worker: {len(pool.slots)} process(es) on {', '.join(devices)}; Ctrl-C to stop", err=True)

@@ -208,17 +208,42 @@ def evaluate(model, tokenizer, n_factor: int = 2000, n_spurious: int = 1000, n_r
     }
 
 
-def evaluate_folder(folder: Path, write: bool = True, **sizes: int) -> dict[str, Any]:
-    """Load a checkpoint folder with plain open_clip, evaluate it, write <folder>/eval.json."""
+def evaluate_folder(folder: Path, out: Path | None = None, **sizes: int) -> dict[str, Any]:
+    """Load a checkpoint folder with plain open_clip (no sith loader), evaluate it, write ``out`` if given.
+
+    Nothing is written by default: the shipped checkpoints live inside the installed package.
+    """
     from sith.testbed.checkpoint import load_checkpoint
 
     if not (folder / "open_clip_config.json").is_file():
         raise InvalidInput("checkpoint", f"{folder} is not a testbed checkpoint folder (no open_clip_config.json)")
     model, tokenizer = load_checkpoint(folder)
     result = {"model": folder.name, **evaluate(model, tokenizer, **sizes)}
-    if write:
-        (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if out is not None:
+        write_result(result, out)
     return result
+
+
+def evaluate_reference(ref: str | None, out: Path | None = None, device: str = "cpu", **sizes: int) -> dict[str, Any]:
+    """Evaluate any model reference (``sith.engine.models.load_reference``: "testbed-main", a folder, an
+    edited model's folder or single file, ...) and write the result to ``out`` if given."""
+    from sith.engine.models import load_reference
+
+    loaded = load_reference(ref, device)
+    result = {"model": loaded.name, "hash": loaded.hash, **evaluate(loaded.model, loaded.tokenizer, **sizes)}
+    if out is not None:
+        write_result(result, out)
+    return result
+
+
+def write_result(result: dict[str, Any], out: Path) -> Path:
+    """Write an evaluation result as JSON (creating parent folders)."""
+    out = Path(out)
+    if out.is_dir():
+        raise InvalidInput("out", f"{out} is a folder; give a file name such as {out / 'eval.json'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, float]]:
