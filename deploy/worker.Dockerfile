@@ -27,10 +27,12 @@ COPY deploy/constraints.txt /src/deploy/constraints.txt
 RUN /opt/sith/bin/pip install torch torchvision
 COPY pyproject.toml README.md /src/
 COPY sith /src/sith
+COPY proto /src/proto
 COPY server /src/server
 COPY workers /src/workers
 COPY client /src/client
-RUN /opt/sith/bin/pip install ./client . \
+# Four distributions: the library (.), the API (proto), the service (server: server + workers), the SDK.
+RUN /opt/sith/bin/pip install . ./proto ./server ./client \
     && /opt/sith/bin/pip check
 
 FROM ${CUDA_IMAGE}

@@ -1,8 +1,9 @@
-"""Regenerate the Python stubs for proto/sith/v1/*.proto into client/sith_client/v1/.
+"""Regenerate the Python stubs for proto/sith/v1/*.proto into proto/sith_api/v1/ (the API package).
 
-The protos are copied into a temporary tree ``sith_client/v1/`` and compiled with ``-I`` at its
-root, so the generated imports read ``from sith_client.v1 import sith_pb2`` (package-absolute)
-and the stubs live in the SDK package, which installs without torch.
+The protos keep their API paths (``sith/v1/sith.proto``, imported as such by adaptation.proto), so
+the descriptors and reflection show the API, not a Python package. The Python package is
+``sith_api``: the generated imports ``from sith.v1 import ...`` are rewritten to
+``from sith_api.v1 import ...`` (the library owns the ``sith`` name).
 
     python proto/generate.py            # write the stubs
     python proto/generate.py --check    # exit 1 if the committed stubs are stale
@@ -12,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import shutil
+import re
 import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto" / "sith" / "v1"
-PACKAGE = Path("sith_client") / "v1"
-OUT_DIR = ROOT / "client" / PACKAGE
+PROTO_ROOT = ROOT / "proto"
+PROTO_DIR = PROTO_ROOT / "sith" / "v1"
+OUT_DIR = PROTO_ROOT / "sith_api" / "v1"
 INIT = '"""Generated protobuf/gRPC stubs for package sith.v1 (run proto/generate.py; do not edit)."""\n'
+_IMPORT = re.compile(r"^from sith\.v1 import ", re.MULTILINE)
 
 
 def _include_dirs() -> list[str]:
@@ -35,27 +37,23 @@ def _include_dirs() -> list[str]:
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Compile every proto into ``out_dir`` (the ``sith_client/v1`` folder); return the files written."""
+    """Compile every proto into ``out_dir`` (the ``sith_api/v1`` folder); return the files written."""
     from grpc_tools import protoc
 
     protos = sorted(PROTO_DIR.glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "src"
-        dst = Path(tmp) / "out"
-        (src / PACKAGE).mkdir(parents=True)
-        dst.mkdir()
-        for proto in protos:
-            shutil.copy(proto, src / PACKAGE / proto.name)
-        args = ["grpc_tools.protoc", f"-I{src}", *(f"-I{d}" for d in _include_dirs()),
+        dst = Path(tmp)
+        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", *(f"-I{d}" for d in _include_dirs()),
                 f"--python_out={dst}", f"--pyi_out={dst}", f"--grpc_python_out={dst}",
-                *(str(PACKAGE / p.name) for p in protos)]
+                *(str(p.relative_to(PROTO_ROOT)) for p in protos)]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for path in sorted((dst / PACKAGE).iterdir()):
-            shutil.copy(path, out_dir / path.name)
-            written.append(out_dir / path.name)
+        for path in sorted((dst / "sith" / "v1").iterdir()):
+            target = out_dir / path.name
+            target.write_text(_IMPORT.sub("from sith_api.v1 import ", path.read_text()))
+            written.append(target)
         (out_dir / "__init__.py").write_text(INIT)
         written.append(out_dir / "__init__.py")
     return written

@@ -1,9 +1,9 @@
 """Shared pieces of the server tests: a tiny real CLIP on disk, a real server on localhost, and
-a real Redis (db 5 of 127.0.0.1:6379, one key prefix per server so runs never collide)."""
+a real Redis (db 5 of 127.0.0.1:6379, one key prefix per server so runs never collide).
+The tiny model itself is defined once, in conftest.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import open_clip
 import redis
-import torch
-from safetensors.torch import save_file
+from conftest import TINY_CFG, WORDS, tiny_model_folder  # noqa: F401 - re-exported for the tests
 
 from sith_server.app import SithServer, build
 from sith_server.config import ServerConfig
@@ -26,13 +24,6 @@ from sith_workers.embedded import EmbeddedRedis
 
 REDIS_URL = os.environ.get("SITH_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 _embedded: EmbeddedRedis | None = None
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-WORDS = ["dog", "cat", "bird", "water", "land", "tree", "car", "house", "red", "blue", "green", "forest",
-         "ocean", "beach", "mountain", "snow", "sky", "grass", "flower", "horse"]
 
 
 def shared_redis_url() -> str:
@@ -51,16 +42,6 @@ def shared_redis_url() -> str:
         client.close()
 
 
-def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
-    """An open_clip hf-hub style folder (config + safetensors) with seeded random weights."""
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**TINY_CFG).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
-
-
 @dataclass
 class Running:
     server: SithServer
@@ -68,6 +49,10 @@ class Running:
     prefix: str
     address: str
     redis_url: str
+
+    def worker(self):
+        """A worker thread on this server's queue, Redis and data folder (where it exports edits)."""
+        return worker_thread(self.prefix, self.redis_url, self.server.deps.config.data_dir)
 
     def cleanup_redis(self) -> None:
         client = connect(self.redis_url, connect_timeout=0.5, retries=0)
@@ -102,11 +87,12 @@ def running_server(models: list[str], *, tokens_file: Path | None = None, data_d
 
 
 @contextmanager
-def worker_thread(prefix: str, url: str | None = None) -> Iterator[object]:
+def worker_thread(prefix: str, url: str | None = None, data_dir: Path | None = None) -> Iterator[object]:
     """A real sith_workers.Worker consuming this server's queue in a thread."""
     from sith_workers.worker import Worker, WorkerSettings
 
-    worker = Worker(WorkerSettings(redis_url=url or shared_redis_url(), prefix=prefix, block_ms=200))
+    worker = Worker(WorkerSettings(redis_url=url or shared_redis_url(), prefix=prefix, block_ms=200,
+                                   data_dir=data_dir or Path("/tmp") / prefix))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:

@@ -24,7 +24,7 @@ import open_clip
 import pytest
 import torch
 from safetensors import safe_open
-from server_support import TINY_CFG, WORDS, running_server, tiny_model_folder, worker_thread
+from server_support import TINY_CFG, WORDS, running_server, tiny_model_folder
 
 import sith_client
 from sith_client.cli import main as cli_main
@@ -45,7 +45,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def srv(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     with running_server([str(model_dir)], data_dir=tmp_path_factory.mktemp("data"), redis_url=REDIS_URL) as running:
-        with worker_thread(running.prefix, REDIS_URL):
+        with running.worker():
             yield running
 
 
@@ -58,7 +58,15 @@ def client(srv: object) -> Iterator[sith_client.Client]:
 @pytest.fixture(scope="module")
 def ready_edit(srv: object) -> sith_client.Edit:
     with sith_client.Client(srv.address) as c:
-        return c.edit(suppress=["red"], top_n=3).wait(timeout=120)
+        return c.wait(c.edit(suppress=["red"], top_n=3, operator="sith_scale"), timeout=120)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def plain_open_clip(model_dir: Path, checkpoint: Path, folder: Path) -> torch.nn.Module:
@@ -74,10 +82,13 @@ def plain_open_clip(model_dir: Path, checkpoint: Path, folder: Path) -> torch.nn
 
 def test_edit_download_reload_in_open_clip_matches_server(client: sith_client.Client, model_dir: Path,
                                                           tmp_path: Path) -> None:
-    edit = client.edit(suppress=["red"], top_n=3)
-    assert edit.state == "pending" and edit.name.startswith("edits/")
-    path = edit.wait(timeout=120).download(tmp_path / "red-free.safetensors")
-    assert edit.ready and edit.preview.affected and all(v.alpha == 0.0 for v in edit.preview.affected)
+    edit = client.edit(suppress=["red"], top_n=3, strength=0.5, operator="sith_scale")
+    assert edit.state == "pending" and edit.name.startswith("tenants/default/edits/")
+    edit = client.wait(edit, timeout=120)
+    path = client.download(edit, tmp_path / "red-free.safetensors")
+    assert edit.ready and edit.plan.affected
+    assert all(v.alpha == 0.5 for v in edit.plan.affected)         # strength honoured for suppress
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()          # an ordinary file, like the sidecars
     assert path == tmp_path / "red-free.safetensors" and not list(tmp_path.glob(".*.part"))
     with safe_open(str(path), "pt") as f:
         assert f.metadata()  # the edit manifest travels inside the checkpoint
@@ -92,9 +103,9 @@ def test_edit_download_reload_in_open_clip_matches_server(client: sith_client.Cl
 
     base = client.embed_images(pixels)
     assert np.abs(base.vectors - local).max() > 1e-4           # the edit changed the vision tower
-    texts = ["a red dog", "blue sky"]
-    np.testing.assert_allclose(client.embed_texts(texts, edit=edit).vectors, client.embed_texts(texts).vectors,
-                               atol=1e-6)                      # ...and only the vision tower
+    with pytest.raises(sith_client.InvalidArgument) as info:     # ...and only the vision tower
+        client.embed_texts(["a red dog"], edit=edit)
+    assert info.value.field == "edit"
 
 
 def test_download_into_directory_and_reject_unknown_edit(client: sith_client.Client,
@@ -102,7 +113,7 @@ def test_download_into_directory_and_reject_unknown_edit(client: sith_client.Cli
     path = client.download(ready_edit.name, tmp_path)
     assert path.parent == tmp_path and path.suffix == ".safetensors" and path.stat().st_size > 0
     with pytest.raises(sith_client.NotFound):
-        client.download("edits/" + "0" * 32, tmp_path / "x.safetensors")
+        client.download("tenants/default/edits/" + "0" * 32, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -114,7 +125,7 @@ def test_unknown_concept_is_invalid_argument_with_suggestions(client: sith_clien
         client.find(["rde"])
     err = info.value
     assert err.field == "concepts[0]" and "red" in err.suggestions
-    assert err.field_violations[0].suggestions and "did you mean" in str(err)
+    assert err.field_violations[0].suggestions[:len(err.suggestions)] and "did you mean" in str(err)
 
     with pytest.raises(sith_client.InvalidArgument) as info2:
         client.edit(suppress=["blu"])
@@ -127,9 +138,16 @@ def test_other_bad_inputs_are_typed(client: sith_client.Client) -> None:
     assert info.value.field and info.value.field.startswith("layers")
     with pytest.raises(sith_client.NotFound) as nf:
         client.model("tiny-b")
-    assert nf.value.resource.resource_type == "model" and "tiny-a" in nf.value.suggestions
-    with pytest.raises(sith_client.NotFound):
-        client.get_edit("edits/" + "f" * 32)
+    assert nf.value.resource_type == "model" and nf.value.resource == "tiny-b" and "tiny-a" in nf.value.suggestions
+    with pytest.raises(sith_client.NotFound) as nf:
+        client.get_edit("tenants/default/edits/" + "f" * 32)
+    assert nf.value.resource == "tenants/default/edits/" + "f" * 32
+    with pytest.raises(sith_client.InvalidArgument) as info:
+        client.edit(suppress=["red"], strength=-1)                  # suppress needs 0 <= strength < 1
+    assert info.value.field == "spec.operations[0].strength"
+    with pytest.raises(sith_client.InvalidArgument) as info:
+        client.embed_images(b"\x89PNG not really")
+    assert "object at 0x" not in str(info.value)
     with pytest.raises(sith_client.InvalidArgument):
         client.embed_images(np.zeros((3, 8, 8), np.float32))   # wrong image size
 
@@ -139,43 +157,43 @@ def test_other_bad_inputs_are_typed(client: sith_client.Client) -> None:
 
 def test_models_explain_find_decompose_are_typed(client: sith_client.Client, srv: object) -> None:
     (m,) = client.models()
-    assert isinstance(m, sith_client.ModelInfo) and m.is_default and (m.layers, m.heads) == (3, 4)
+    assert isinstance(m, sith_client.Model) and m.is_default and (m.layers, m.heads) == (3, 4)
     assert client.model(m.hash[:12]) == m
-    heads = client.explain(layers=[-1], heads=[0, 1], k=3)
+    heads = client.explain(layers=[-1], heads=[0, 1], k=3).heads
     assert [(h.layer, h.head) for h in heads] == [(2, 0), (2, 1)]
     vec = heads[0].vectors[0]
     assert isinstance(vec.index, int) and vec.sigma > 0 and 1 <= len(vec.concepts) <= 3
     assert all(c.name in WORDS for c in vec.concepts)
-    hits = client.find("red", top=3)
-    assert len(hits) == 3 and hits[0].score >= hits[-1].score
-    (spectrum,) = client.decompose(layers=[-1])
-    assert spectrum.layer == 2 and spectrum.singular_values.shape[0] == 4
+    hits = client.find("red", top=3).hits
+    assert len(hits) == 3 and hits[0].score >= hits[-1].score and hits[0].matched == "red"
+    (spectrum,) = client.decompose(layers=[-1]).layers
+    assert spectrum.layer == 2 and sith_client.tensor_to_numpy(spectrum.singular_values).shape[0] == 4
 
 
 def test_job_handle_wait_and_result(client: sith_client.Client) -> None:
     job = client.explain(layers=[0], heads=[1], k=2, wait=False)
     assert isinstance(job, sith_client.Job) and job.name.startswith("operations/")
     updates: list[float] = []
-    heads = job.result(timeout=120, progress=lambda j: updates.append(j.progress))
-    assert heads[0].head == 1 and job.state == "succeeded" and updates[-1] == 1.0
-    again = client.job(job.name)
-    assert again.done and again.raw_result["heads"][0]["head"] == 1
+    result = client.result(job, timeout=120, progress=lambda j: updates.append(j.progress))
+    assert result.heads[0].head == 1 and updates[-1] == 1.0
+    again = client.job(job.name)                      # re-attached: the result's type comes with it
+    assert again.done and again.state == "succeeded" and again.result() == result
 
 
 def test_preview_and_edit_listing(client: sith_client.Client, ready_edit: sith_client.Edit) -> None:
-    preview = client.preview_edit(suppress="red", top_n=2, timeout=120)
-    assert len(preview.affected) == 2 and preview.head_changes
-    assert all(h.energy_ratio <= 1.0 for h in preview.head_changes)
+    preview = client.preview_edit(suppress="red", top_n=2, operator="sith_scale", timeout=120)
+    assert isinstance(preview, sith_client.EditPlan) and len(preview.affected) == 2 and preview.heads
+    assert all(h.energy_ratio <= 1.0 for h in preview.heads)
     names = [e.name for e in client.edits(page_size=1)]
     assert ready_edit.name in names
-    assert client.get_edit(ready_edit.id).operations[0].action == "suppress"
+    assert client.get_edit(ready_edit.id).spec.operations[0].concepts == ["red"]
 
 
 def test_delete_edit(client: sith_client.Client) -> None:
-    edit = client.edit(flip=["green"], top_n=1).wait(timeout=120)
-    edit.delete()
+    edit = client.wait(client.edit(flip=["green"], top_n=1, operator="sith_scale"), timeout=120)
+    client.delete_edit(edit)
     with pytest.raises(sith_client.NotFound):
-        edit.refresh()
+        client.refresh(edit)
 
 
 # --- no worker: waiting, timeouts, cancel ----------------------------------------------------------
@@ -194,9 +212,9 @@ def test_wait_timeout_then_cancel(idle_srv: object) -> None:
         assert job.state == "queued"
         start = time.monotonic()
         with pytest.raises(sith_client.DeadlineExceeded):
-            job.wait(timeout=0.5)
+            c.wait(job, timeout=0.5)
         assert time.monotonic() - start < 5
-        job.cancel()
+        job = c.cancel(job)
         assert job.state == "cancelled" and job.done
         with pytest.raises(sith_client.JobFailed) as info:
             job.result()
@@ -208,10 +226,12 @@ def test_edit_whose_planning_was_cancelled_fails_loudly(idle_srv: object) -> Non
         edit = c.edit(suppress=["red"], request_id="cancel-me")
         assert c.edit(suppress=["red"], request_id="cancel-me").name == edit.name  # a repeat is the same edit
         assert c.edit(suppress=["red"]).name != edit.name
-        c.job(edit.operation).cancel()
+        c.cancel(c.job(edit.operation))
         with pytest.raises(sith_client.JobFailed) as info:
-            edit.wait(timeout=10)
-        assert edit.state == "failed" and isinstance(info.value, sith_client.errors.Cancelled)
+            c.wait(edit, timeout=10)
+        assert c.get_edit(edit).state == "failed" and isinstance(info.value, sith_client.errors.Cancelled)
+        c.delete_edit(edit)                                   # deleting frees its request_id at once
+        assert c.edit(suppress=["red"], request_id="cancel-me").name != edit.name
 
 
 def test_async_job_timeout_and_cancel(idle_srv: object) -> None:
@@ -219,10 +239,10 @@ def test_async_job_timeout_and_cancel(idle_srv: object) -> None:
         async with sith_client.AsyncClient(idle_srv.address) as c:
             job = await c.find("red", wait=False)
             with pytest.raises(sith_client.DeadlineExceeded):
-                await job.wait(timeout=0.3)
-            await job.cancel()
+                await c.wait(job, timeout=0.3)
+            job = await c.cancel(job)
             with pytest.raises(sith_client.JobFailed):
-                await job.result()
+                await c.result(job)
             return job.state
 
     assert asyncio.run(asyncio.wait_for(go(), 30)) == "cancelled"
@@ -329,14 +349,15 @@ def test_async_client_end_to_end(srv: object, tmp_path: Path) -> None:
         async with sith_client.AsyncClient(srv.address) as c:
             embs = await asyncio.gather(*(c.embed_texts([w]) for w in WORDS[:8]))
             assert all(e.shape == (1, TINY_CFG["embed_dim"]) for e in embs)
-            heads = await c.explain(layers=[-1], heads=[3], k=2)
+            heads = (await c.explain(layers=[-1], heads=[3], k=2)).heads
             assert heads[0].head == 3
             with pytest.raises(sith_client.InvalidArgument) as info:
                 await c.find(["rde"])
             assert "red" in info.value.suggestions
-            edit = await c.edit(amplify=["blue"], strength=1.5, top_n=2)
-            edit = await edit.wait(timeout=120)
-            path = await edit.download(tmp_path / "async.safetensors")
+            edit = await c.edit(amplify=["blue"], strength=1.5, top_n=2, operator="sith_scale")
+            edit = await c.wait(edit, timeout=120)
+            assert all(v.alpha == 1.5 for v in edit.plan.affected)
+            path = await c.download(edit, tmp_path / "async.safetensors")
             assert path.stat().st_size > 0
             assert [e.name async for e in c.edits()]
 
@@ -349,16 +370,34 @@ def test_async_client_end_to_end(srv: object, tmp_path: Path) -> None:
 def test_cli_edit_download_and_errors(srv: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.safetensors"
     base = ["--address", srv.address]
-    assert cli_main([*base, "edit", "--suppress", "red", "--top-n", "2", "--download", str(out)]) == 0
+    assert cli_main([*base, "edit", "--suppress", "red", "--top-n", "2", "--strength", "0.5", "--operator",
+                     "sith_scale", "--download", str(out)]) == 0
     assert out.stat().st_size > 0
     capsys.readouterr()
     assert cli_main([*base, "--json", "models"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["name"] == "tiny-a"
     assert cli_main([*base, "--json", "find", "red", "--top", "1"]) == 0
-    (hit,) = json.loads(capsys.readouterr().out)
+    (hit,) = json.loads(capsys.readouterr().out)["hits"]
     assert {"layer", "head", "index", "score"} <= set(hit) and set(hit["concepts"][0]) == {"name", "score"}
     npy = tmp_path / "emb.npy"
     assert cli_main([*base, "embed-text", "a red dog", "sky", "--out", str(npy)]) == 0
     assert np.load(npy).shape == (2, TINY_CFG["embed_dim"])
     assert cli_main([*base, "find", "rde"]) == 2
     assert "did you mean: red" in capsys.readouterr().err
+
+
+def test_a_batch_of_32_encoded_images_fits_one_request(client: sith_client.Client) -> None:
+    """32 noisy 256 px PNGs are ~6 MiB: over gRPC's 4 MB default, within the API's 32 MiB."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(32):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    assert sum(map(len, images)) > 4 * 2**20
+    emb = client.embed_images(images)
+    assert emb.shape == (32, TINY_CFG["embed_dim"])

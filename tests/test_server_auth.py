@@ -7,8 +7,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import running_server, tiny_model_folder
 
-from sith_client.v1 import sith_pb2 as pb
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 
 ALICE = [("authorization", "Bearer alice-token")]
 BOB = [("authorization", "Bearer bob-token")]
@@ -72,10 +72,17 @@ def test_tenants_see_only_their_own_operations_and_edits(srv):
         with pytest.raises(grpc.RpcError) as err:
             call(request, metadata=BOB, timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert edit.name.startswith("tenants/alice/edits/")
+    pixels = pb.Image(tensor=pb.Tensor(shape=[3, 32, 32], data=b"\0" * 4 * 3 * 32 * 32))
     with pytest.raises(grpc.RpcError) as err:
-        pb_grpc.EmbeddingsStub(srv.channel).EmbedTexts(
-            pb.EmbedTextsRequest(target=pb.ModelRef(edit=edit.name), texts=["x"]), metadata=BOB, timeout=5)
+        pb_grpc.EmbeddingsStub(srv.channel).EmbedImages(
+            pb.EmbedImagesRequest(target=pb.ModelRef(edit=edit.name), images=[pixels]), metadata=BOB, timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Bob naming the edit under his own tenant, or by its bare id, finds nothing either.
+    for name in (edit.name.replace("tenants/alice/", "tenants/bob/"), edit.name.rpartition("/")[2]):
+        with pytest.raises(grpc.RpcError) as err:
+            edits.GetEdit(pb.GetEditRequest(name=name), metadata=BOB, timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
     edits.DeleteEdit(pb.DeleteEditRequest(name=edit.name), metadata=ALICE, timeout=5)
     with pytest.raises(grpc.RpcError) as err:
         edits.GetEdit(pb.GetEditRequest(name=edit.name), metadata=ALICE, timeout=5)

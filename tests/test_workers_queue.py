@@ -12,7 +12,7 @@ from sith.engine.errors import InvalidInput
 from sith_workers.handlers import register
 from sith_workers.queue import JobNotFound, JobQueue
 from sith_workers.worker import Worker, WorkerSettings
-from workers_fixtures import own_redis, prefix, shared, wait_done, wait_for  # noqa: F401
+from workers_fixtures import wait_done, wait_for
 
 
 @register("test.invalid")
@@ -127,18 +127,44 @@ def test_finished_job_is_never_overwritten(shared, prefix):
     assert queue.get(record.id).state == "succeeded" and queue.get(record.id).result == {"a": 1}
 
 
+class _Clock:
+    """The queue's injected time source: leases expire without the test sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_lease_extension_and_reclaim(shared, prefix):
-    queue = JobQueue(shared, prefix)
+    clock = _Clock()
+    queue = JobQueue(shared, prefix, clock=clock)
     queue.ensure_group()
     record = queue.submit("x", {}, tenant="t")
     [delivery] = queue.fetch("alive", block_ms=100)
-    time.sleep(0.3)
-    assert queue.extend("alive", delivery)                       # resets the idle time
-    assert queue.reclaim("thief", min_idle_ms=250) == []         # a live owner is not robbed
-    time.sleep(0.3)
-    [stolen] = queue.reclaim("thief", min_idle_ms=250)           # an owner that went quiet is
+    clock.now += 50
+    assert queue.extend("alive", delivery)                       # resets the lease
+    clock.now += 30
+    assert queue.reclaim("thief", min_idle_ms=60_000) == []      # a live owner is not robbed
+    clock.now += 31
+    [stolen] = queue.reclaim("thief", min_idle_ms=60_000)        # an owner that went quiet is
     assert stolen.job_id == record.id
     assert not queue.extend("alive", delivery)                   # ... and the old owner learns it
+
+
+def test_entries_without_a_lease_record_fall_back_to_redis_idle_time(shared, prefix):
+    """Entries of an older release (or whose worker died between read and lease) are still reclaimed."""
+    queue = JobQueue(shared, prefix)
+    queue.ensure_group()
+    record = queue.submit("x", {}, tenant="t")
+    [delivery] = queue.fetch("dead", block_ms=100)
+    shared.zrem(queue.leases_key, delivery.message_id)
+    [stolen] = queue.reclaim("thief", min_idle_ms=0)
+    assert stolen.job_id == record.id
 
 
 def test_job_that_keeps_killing_workers_fails_after_max_attempts(shared, prefix):

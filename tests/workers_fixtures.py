@@ -1,5 +1,6 @@
-"""Real Redis for the worker tests: the shared server's db 6 under a unique prefix, or an
-embedded server a test owns (when it must flush or stop Redis)."""
+"""Helpers of the worker tests (waiting, worker processes). The Redis fixtures (``prefix``,
+``shared`` on db 6, ``own_redis``) live in conftest.py; they are re-exported here for modules that
+still import them by name."""
 
 from __future__ import annotations
 
@@ -7,52 +8,15 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import redis
+from conftest import own_redis, prefix, shared  # noqa: F401 - re-exported fixtures
 
-from sith_workers.connection import connect
-from sith_workers.embedded import EmbeddedRedis
 from sith_workers.queue import JobQueue, JobRecord
 
-SHARED_URL = os.environ.get("SITH_TEST_REDIS_URL", "redis://127.0.0.1:6379/6")
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def shared(prefix: str) -> Iterator[redis.Redis]:
-    """A client of the shared Redis (db 6); the test's keys (its prefix) are deleted afterwards.
-    Without a shared Redis the tests run against an embedded one."""
-    embedded = None
-    client = connect(SHARED_URL)
-    try:
-        client.ping()
-    except redis.RedisError:
-        embedded = EmbeddedRedis().start()
-        client = connect(embedded.url)
-    yield client
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-    if embedded:
-        embedded.stop()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    """A Redis server only this test uses (free to flush)."""
-    with EmbeddedRedis() as server:
-        yield server
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 60.0, what: str = "condition") -> object:

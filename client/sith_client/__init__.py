@@ -2,12 +2,14 @@
 
     import sith_client
     with sith_client.Client() as c:                       # $SITH_ADDRESS / $SITH_TOKEN
-        c.edit(suppress=["red"]).wait(progress=True).download("out.safetensors")
+        edit = c.wait(c.edit(suppress=["red"]), progress=True)
+        c.download(edit, "red-free.safetensors")
 
-Generated stubs live in ``sith_client.v1``. The SDK never imports torch.
+Results are the API's own messages (``sith_api.v1``, re-exported in :mod:`sith_client.types`);
+``Job`` and ``Edit`` are snapshots, and waiting is a client call. The SDK never imports torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import errors  # noqa: E402
 from ._retry import NO_RETRY, RetryPolicy  # noqa: E402
@@ -26,27 +28,40 @@ from .errors import (  # noqa: E402
     Unauthenticated,
     Unavailable,
 )
-from .jobs import AsyncEdit, AsyncJob, Edit, Job  # noqa: E402
+from .jobs import Edit, Job  # noqa: E402
 from .types import (  # noqa: E402
     AffectedVector,
+    Artifact,
     Classification,
     Concept,
+    ConceptEffect,
+    DeltaReport,
     EditOp,
-    EditPreview,
+    EditPlan,
     Embeddings,
     HeadChange,
     HeadExplanation,
     LayerSpectrum,
-    ModelInfo,
+    HeadMatch,
+    LabelAgreement,
+    MatchAgreement,
+    MatchReport,
+    Model,
+    NullDistribution,
     SearchHit,
+    SimilarityMatrix,
+    SimilarityRow,
     VectorExplanation,
+    similarity_to_numpy,
+    tensor_to_numpy,
 )
 
 __all__ = [
-    "__version__", "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "errors",
-    "Job", "AsyncJob", "Edit", "AsyncEdit",
-    "ModelInfo", "Concept", "VectorExplanation", "HeadExplanation", "SearchHit", "LayerSpectrum",
-    "AffectedVector", "HeadChange", "EditPreview", "EditOp", "Embeddings", "Classification",
+    "__version__", "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "errors", "Job", "Edit",
+    "Model", "Concept", "VectorExplanation", "HeadExplanation", "SearchHit", "LayerSpectrum", "AffectedVector",
+    "HeadChange", "ConceptEffect", "EditPlan", "Artifact", "DeltaReport", "MatchReport", "EditOp", "Embeddings",
+    "HeadMatch", "NullDistribution", "LabelAgreement", "MatchAgreement", "SimilarityMatrix", "SimilarityRow",
+    "Classification", "tensor_to_numpy", "similarity_to_numpy",
     "SithError", "InvalidArgument", "FieldViolation", "NotFound", "Unauthenticated", "PermissionDenied",
     "ResourceExhausted", "Unavailable", "DeadlineExceeded", "JobFailed", "ChecksumMismatch",
 ]

@@ -1,7 +1,9 @@
 """Atomic, verified checkpoint download.
 
 Chunks go to a hidden temp file next to the destination while a sha256 runs over them; only if the
-size and digest match what the first chunk announced is the file fsynced and renamed into place.
+size and digest match what the first chunk announced is the file fsynced and renamed into place,
+with the mode an ordinary new file gets (0666 less the umask, like the sidecars the library
+writes), not the temp file's 0600.
 A crash, a dropped stream or a corrupt byte therefore never leaves a half-written checkpoint
 where open_clip would happily try to load it. Within one download, a dropped stream resumes: the
 next attempt asks for the bytes from ``written`` on, and ``begin`` checks that the server still
@@ -93,6 +95,7 @@ class AtomicDownload:
         if digest != self.expected_sha256:
             raise ChecksumMismatch(f"sha256 {digest} != announced {self.expected_sha256}")
         self._fh.flush()
+        os.fchmod(self._fh.fileno(), 0o666 & ~_umask())
         os.fsync(self._fh.fileno())
         self._fh.close()
         self._fh = None
@@ -112,6 +115,12 @@ class AtomicDownload:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

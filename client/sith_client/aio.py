@@ -1,8 +1,11 @@
-"""The asyncio client: the same API as :class:`~sith_client.Client`, with coroutines.
+"""The asyncio client: :class:`~sith_client._base.BaseClient` plus ``await``-able I/O.
+
+Same methods, arguments and results as :class:`~sith_client.Client`; create it inside the event
+loop that uses it::
 
     async with sith_client.AsyncClient() as c:
-        edit = await c.edit(suppress=["red"])
-        await (await edit.wait()).download("out.safetensors")
+        edit = await c.wait(await c.edit(suppress=["red"]))
+        await c.download(edit, "out.safetensors")
         embs = await asyncio.gather(*(c.embed_texts(t) for t in texts))
 """
 
@@ -17,59 +20,38 @@ from typing import Any, TypeVar
 
 import grpc
 
-from . import _requests as rq
-from ._channel import Connection
+from sith_api.v1 import adaptation_pb2 as apb
+from sith_api.v1 import adaptation_pb2_grpc as arpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as rpc
+
+from . import _progress
+from ._base import (DOWNLOAD_TIMEOUT, POLL_INTERVAL, WATCH_WINDOW, BaseClient, Concepts, ImageLike, checked,
+                    resource_name)
 from ._download import AtomicDownload
-from ._retry import NO_RETRY, RetryPolicy, acall_with_retry
-from .client import DEFAULT_TIMEOUT, DOWNLOAD_TIMEOUT, POLL_INTERVAL, WATCH_WINDOW, _remaining
+from ._retry import acall_with_retry
+from .client import _remaining
 from .errors import from_rpc_error
-from .jobs import AsyncEdit, AsyncJob
-from .types import (
-    Classification,
-    EditOp,
-    EditPreview,
-    Embeddings,
-    HeadExplanation,
-    LayerSpectrum,
-    ModelInfo,
-    SearchHit,
-)
-from .v1 import sith_pb2 as pb
-from .v1 import sith_pb2_grpc as rpc
+from .jobs import Edit, Job
+from .types import Classification, EditOp, Embeddings
 
 T = TypeVar("T")
 
 __all__ = ["AsyncClient"]
 
 
-class AsyncClient:
-    """Asyncio connection to a SITH server; create it inside the event loop that uses it.
+class AsyncClient(BaseClient):
+    """Asyncio connection to a SITH server (see :class:`~sith_client.Client` for the options)."""
 
-    Analysis methods take ``wait=False`` to return an :class:`AsyncJob` instead of the result.
-    """
-
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        token: str | None = None,
-        tls: bool | None = None,
-        root_certificates: bytes | str | os.PathLike[str] | None = None,
-        server_name: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = RetryPolicy(),
-    ) -> None:
-        self.connection = Connection.resolve(
-            address, token=token, tls=tls, root_certificates=root_certificates, server_name=server_name  # type: ignore[arg-type]
-        )
-        self.timeout = timeout
-        self.retry = retry or NO_RETRY
+    def __init__(self, address: str | None = None, **options: Any) -> None:
+        super().__init__(address, **options)
         self._channel = self.connection.aio_channel()
         self._models = rpc.ModelsStub(self._channel)
         self._analysis = rpc.AnalysisStub(self._channel)
         self._edits = rpc.EditsStub(self._channel)
         self._embeddings = rpc.EmbeddingsStub(self._channel)
         self._operations = rpc.OperationsStub(self._channel)
+        self._adaptation = arpc.AdaptationStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -80,141 +62,111 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return f"<AsyncClient {self.connection.address}>"
-
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *, idempotent: bool = True,
-                    timeout: float | None = None) -> T:
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *, timeout: float | None = None) -> T:
         md = self.connection.metadata
         t = timeout or self.timeout
-        return await acall_with_retry(lambda: method(request, timeout=t, metadata=md), self.retry,
-                                      idempotent=idempotent)
+        return await acall_with_retry(lambda: method(request, timeout=t, metadata=md), self.retry)
 
     # --- models ------------------------------------------------------------------------------
+    async def models(self) -> list[pb.Model]:
+        """Models the server has loaded (the default one has ``is_default``)."""
+        return list((await self._call(self._models.ListModels, pb.ListModelsRequest())).models)
 
-    async def models(self) -> list[ModelInfo]:
-        r = await self._call(self._models.ListModels, pb.ListModelsRequest())
-        return [ModelInfo.from_proto(m) for m in r.models]
+    async def model(self, name: str = "") -> pb.Model:
+        """One model by name or hash (empty = the default model)."""
+        return await self._call(self._models.GetModel, checked(pb.GetModelRequest(model=name)))
 
-    async def model(self, name: str = "") -> ModelInfo:
-        return ModelInfo.from_proto(await self._call(self._models.GetModel, pb.GetModelRequest(model=name)))
-
-    # --- analysis ----------------------------------------------------------------------------
-
-    async def _job(self, op: pb.Operation, parse: Callable[[dict[str, Any]], T], wait: bool,
-                   timeout: float | None, progress: Any) -> Any:
-        job = AsyncJob(self, op, parse)
-        return await job.result(timeout=timeout, progress=progress) if wait else job
+    # --- analysis (long-running) -------------------------------------------------------------
+    async def _start(self, method: Callable, request: Any, result_type: type, wait: bool, timeout: float | None,
+               progress: _progress.ProgressArg) -> Any:
+        job = self._job(await self._call(method, request), result_type)
+        return await self.result(job, timeout=timeout, progress=progress) if wait else job
 
     async def decompose(self, model: str | None = None, *, layers: Sequence[int] | None = None, wait: bool = True,
-                        timeout: float | None = None, progress: Any = False) -> list[LayerSpectrum] | AsyncJob[list[LayerSpectrum]]:
-        op = await self._call(self._analysis.Decompose, pb.DecomposeRequest(model=model or "", layers=list(layers or ())))
-        return await self._job(op, rq.parse_decompose, wait, timeout, progress)
+                  timeout: float | None = None, progress: _progress.ProgressArg = False) -> pb.DecomposeResponse:
+        """Per-head singular values of ``layers`` (default: the last four)."""
+        return await self._start(self._analysis.Decompose, self._decompose_request(model, layers),
+                           pb.DecomposeResponse, wait, timeout, progress)
 
     async def explain(self, model: str | None = None, *, layers: Sequence[int] | None = None,
-                      heads: Sequence[int] | None = None, method: str = "comp", k: int = 5,
-                      coherence: float | None = None, wait: bool = True, timeout: float | None = None,
-                      progress: Any = False) -> list[HeadExplanation] | AsyncJob[list[HeadExplanation]]:
-        req = rq.explain_request(model, layers, heads, method, k, coherence)
-        return await self._job(await self._call(self._analysis.ExplainHeads, req), rq.parse_explain, wait, timeout, progress)
+                heads: Sequence[int] | None = None, method: str = "comp", k: int | None = None,
+                coherence: float | None = None, wait: bool = True, timeout: float | None = None,
+                progress: _progress.ProgressArg = False) -> pb.ExplainHeadsResponse:
+        """Explain each head's singular vectors as sparse concept mixes (COMP by default)."""
+        return await self._start(self._analysis.ExplainHeads, self._explain_request(model, layers, heads, method, k, coherence),
+                           pb.ExplainHeadsResponse, wait, timeout, progress)
 
-    async def find(self, concepts: str | Sequence[str], *, model: str | None = None, layers: Sequence[int] | None = None,
-                   top: int = 20, wait: bool = True, timeout: float | None = None,
-                   progress: Any = False) -> list[SearchHit] | AsyncJob[list[SearchHit]]:
-        req = rq.find_request(concepts, model, layers, top)
-        return await self._job(await self._call(self._analysis.FindConcept, req), rq.parse_find, wait, timeout, progress)
+    async def find(self, concepts: Concepts, *, model: str | None = None, layers: Sequence[int] | None = None,
+             top: int | None = None, wait: bool = True, timeout: float | None = None,
+             progress: _progress.ProgressArg = False) -> pb.FindConceptResponse:
+        """Singular vectors that best match ``concepts``, best first (``.hits``)."""
+        return await self._start(self._analysis.FindConcept, self._find_request(concepts, model, layers, top),
+                           pb.FindConceptResponse, wait, timeout, progress)
 
-    async def job(self, name: str) -> AsyncJob[dict[str, Any]]:
-        return AsyncJob(self, await self._get_operation(name), rq.parse_raw)
+    async def analyze_delta(self, base: str, finetuned: str, *, layers: Sequence[int] | None = None,
+                      directions: int | None = None, top: int | None = None, k: int | None = None,
+                      coherence: float | None = None, testbed_vocabulary: bool = False, wait: bool = True,
+                      timeout: float | None = None, progress: _progress.ProgressArg = False) -> apb.DeltaReport:
+        """What fine-tuning changed in each head of ``base`` (both served models)."""
+        req = self._delta_request(base, finetuned, layers, directions, top, k, coherence, testbed_vocabulary)
+        return await self._start(self._adaptation.AnalyzeDelta, req, apb.DeltaReport, wait, timeout, progress)
 
-    # --- edits -------------------------------------------------------------------------------
-
-    async def preview_edit(self, model: str | None = None, *, suppress: rq.Concepts = None, amplify: rq.Concepts = None,
-                           flip: rq.Concepts = None, scale: rq.Concepts = None, strength: float | None = None,
-                           layers: Sequence[int] | None = None, top_n: int | None = None,
-                           threshold: float | None = None, operations: Sequence[EditOp] | None = None,
-                           timeout: float | None = None, progress: Any = False) -> EditPreview:
-        spec = rq.edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
-                            layers=layers, top_n=top_n, threshold=threshold, operations=operations)
-        op = await self._call(self._edits.PreviewEdit, pb.PreviewEditRequest(spec=spec))
-        return await AsyncJob(self, op, rq.parse_preview).result(timeout=timeout, progress=progress)
-
-    async def edit(self, model: str | None = None, *, suppress: rq.Concepts = None, amplify: rq.Concepts = None,
-                   flip: rq.Concepts = None, scale: rq.Concepts = None, strength: float | None = None,
-                   layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-                   operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> AsyncEdit:
-        """Create an edit (retried safely: see ``Client.edit``); ``await edit.wait()`` until it is ready."""
-        spec = rq.edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
-                            layers=layers, top_n=top_n, threshold=threshold, operations=operations)
-        request = pb.CreateEditRequest(spec=spec, request_id=rq.request_id(request_id))
-        return AsyncEdit(self, await self._call(self._edits.CreateEdit, request))
-
-    async def get_edit(self, name: str) -> AsyncEdit:
-        return AsyncEdit(self, await self._get_edit_proto(name))
-
-    async def edits(self, *, page_size: int = 0) -> AsyncIterator[AsyncEdit]:
-        token = ""
-        while True:
-            r = await self._call(self._edits.ListEdits, pb.ListEditsRequest(page_size=page_size, page_token=token))
-            for e in r.edits:
-                yield AsyncEdit(self, e)
-            token = r.next_page_token
-            if not token:
-                return
-
-    async def delete_edit(self, edit: AsyncEdit | str) -> None:
-        await self._call(self._edits.DeleteEdit, pb.DeleteEditRequest(name=rq.resource_name(edit)))
-
-    async def download(self, edit: AsyncEdit | str, path: str | os.PathLike[str], *, overwrite: bool = True,
-                       timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-        """Stream the edited checkpoint to ``path`` (sha256-verified, atomic rename, resumed on retry)."""
-        name = rq.resource_name(edit)
-        md = self.connection.metadata
-        with AtomicDownload(path, overwrite=overwrite) as d:
-            async def once() -> Path:
-                req = pb.DownloadEditRequest(name=name, offset=d.written)
-                async for chunk in self._edits.DownloadEdit(req, timeout=timeout, metadata=md):
-                    if chunk.sha256:
-                        d.begin(filename=chunk.filename, total_bytes=chunk.total_bytes, sha256=chunk.sha256)
-                    d.write(chunk.data, chunk.offset)
-                return d.commit()
-
-            return await acall_with_retry(once, self.retry)
-
-    async def _get_edit_proto(self, name: str) -> pb.Edit:
-        return await self._call(self._edits.GetEdit, pb.GetEditRequest(name=name))
-
-    # --- embeddings --------------------------------------------------------------------------
-
-    async def embed_texts(self, texts: str | Sequence[str], *, model: str | None = None,
-                          edit: AsyncEdit | str | None = None, normalize: bool = True) -> Embeddings:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        req = pb.EmbedTextsRequest(target=rq.model_ref(model, edit), texts=texts, normalize=normalize)
-        return Embeddings.from_proto(await self._call(self._embeddings.EmbedTexts, req))
-
-    async def embed_images(self, images: rq.ImageLike | Iterable[rq.ImageLike], *, model: str | None = None,
-                           edit: AsyncEdit | str | None = None, normalize: bool = True) -> Embeddings:
-        req = pb.EmbedImagesRequest(target=rq.model_ref(model, edit), images=rq.images_to_proto(images),
-                                    normalize=normalize)
-        return Embeddings.from_proto(await self._call(self._embeddings.EmbedImages, req))
-
-    async def classify(self, images: rq.ImageLike | Iterable[rq.ImageLike], labels: Sequence[str], *,
-                       model: str | None = None, edit: AsyncEdit | str | None = None,
-                       template: str = "") -> Classification:
-        req = pb.ClassifyRequest(target=rq.model_ref(model, edit), images=rq.images_to_proto(images),
-                                 labels=list(labels), template=template)
-        return Classification.from_proto(await self._call(self._embeddings.Classify, req), labels)
+    async def match_heads(self, model_a: str, model_b: str, *, layers_a: Sequence[int] | None = None,
+                    layers_b: Sequence[int] | None = None, k: int | None = None, coherence: float | None = None,
+                    testbed_vocabulary: bool = False, testbed_categories: bool = False, wait: bool = True,
+                    timeout: float | None = None, progress: _progress.ProgressArg = False) -> apb.MatchReport:
+        """Which heads of two models encode the same concepts."""
+        req = self._match_request(model_a, model_b, layers_a, layers_b, k, coherence, testbed_vocabulary,
+                                  testbed_categories)
+        return await self._start(self._adaptation.MatchHeads, req, apb.MatchReport, wait, timeout, progress)
 
     # --- operations --------------------------------------------------------------------------
+    async def job(self, name: str) -> Job:
+        """Re-attach to an operation by name ("operations/{id}")."""
+        return self._job(await self._call(self._operations.GetOperation, checked(pb.GetOperationRequest(name=name))))
 
-    async def _get_operation(self, name: str) -> pb.Operation:
-        return await self._call(self._operations.GetOperation, pb.GetOperationRequest(name=name))
+    async def refresh(self, handle: Job | Edit) -> Job | Edit:
+        """A fresh snapshot of a job or edit."""
+        if isinstance(handle, Edit):
+            return await self.get_edit(handle.name)
+        op = await self._call(self._operations.GetOperation, pb.GetOperationRequest(name=handle.name))
+        return Job(op, handle.result_type)
 
-    async def _cancel_operation(self, name: str) -> pb.Operation:
-        return await self._call(self._operations.CancelOperation, pb.CancelOperationRequest(name=name))
+    async def cancel(self, job: Job) -> Job:
+        """Ask the server to stop the job (best effort); the snapshot shows what it said."""
+        return Job(await self._call(self._operations.CancelOperation, pb.CancelOperationRequest(name=job.name)),
+                   job.result_type)
 
-    async def _wait_operation(self, name: str, timeout: float | None,
-                              on_update: Callable[[pb.Operation], None]) -> pb.Operation:
+    async def wait(self, handle: Job | Edit, *, timeout: float | None = None,
+             progress: _progress.ProgressArg = False) -> Any:
+        """Block until the job is done (or the edit ready), following its progress; returns the
+        final snapshot. Raises :class:`JobFailed` (also of the failure's own type) if it failed or
+        was cancelled, :class:`DeadlineExceeded` after ``timeout`` seconds (the work goes on)."""
+        cb = _progress.callback(progress)
+        if isinstance(handle, Edit):
+            if handle.state == "pending" and handle.operation:
+                # follow the edit's job directly; the edit record then carries the outcome (and the
+                # authoritative error, if any)
+                await self._follow(handle.operation, timeout, lambda op: cb(Job(op)) if cb else None)
+            return (await self.get_edit(handle.name)).check()
+        job = handle
+        if not job.done:
+            def on_update(op: pb.Operation) -> None:
+                if cb:
+                    cb(Job(op, job.result_type))
+            job = Job(await self._follow(job.name, timeout, on_update), job.result_type)
+        elif cb:
+            cb(job)
+        if job.state in ("failed", "cancelled"):
+            job.result()  # raises the typed failure
+        return job
+
+    async def result(self, job: Job, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> Any:
+        """Wait for ``job``, then return its typed result (e.g. an ExplainHeadsResponse)."""
+        return (await self.wait(job, timeout=timeout, progress=progress)).result()
+
+    async def _follow(self, name: str, timeout: float | None, on_update: Callable[[pb.Operation], None]) -> pb.Operation:
+        """Follow ``WatchOperation`` until done, re-opening the stream when it ends or drops."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delays = self.retry.delays()
         while True:
@@ -224,7 +176,7 @@ class AsyncClient:
                     pb.WatchOperationRequest(name=name), timeout=min(window, WATCH_WINDOW),
                     metadata=self.connection.metadata)
                 async for op in stream:
-                    delays = self.retry.delays()
+                    delays = self.retry.delays()   # healthy again: fresh retry budget
                     on_update(op)
                     if op.done:
                         stream.cancel()
@@ -234,7 +186,7 @@ class AsyncClient:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue
                 if code == grpc.StatusCode.UNIMPLEMENTED:
-                    return await self._poll_operation(name, deadline, timeout, on_update)
+                    return await self._poll(name, deadline, timeout, on_update)
                 if self.retry.retryable(err):
                     delay = next(delays, None)
                     if delay is not None:
@@ -242,13 +194,102 @@ class AsyncClient:
                         continue
                 raise from_rpc_error(err) from None
 
-    async def _poll_operation(self, name: str, deadline: float | None, timeout: float | None,
-                              on_update: Callable[[pb.Operation], None]) -> pb.Operation:
+    async def _poll(self, name: str, deadline: float | None, timeout: float | None,
+              on_update: Callable[[pb.Operation], None]) -> pb.Operation:
         interval = POLL_INTERVAL[0]
         while True:
-            op = await self._get_operation(name)
+            op = await self._call(self._operations.GetOperation, pb.GetOperationRequest(name=name))
             on_update(op)
             if op.done:
                 return op
             await asyncio.sleep(min(interval, _remaining(deadline, name, timeout)))
             interval = min(interval * 1.5, POLL_INTERVAL[1])
+
+    # --- edits -------------------------------------------------------------------------------
+    async def preview_edit(self, model: str | None = None, *, suppress: Concepts = None, amplify: Concepts = None,
+                     flip: Concepts = None, scale: Concepts = None, strength: float | None = None,
+                     layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
+                     operator: str | None = None, target: float | None = None, preserve: Concepts = None,
+                     operations: Sequence[EditOp] | None = None, timeout: float | None = None,
+                     progress: _progress.ProgressArg = False) -> pb.EditPlan:
+        """Dry run: the EditPlan (vectors, α, predicted effects, warnings), stored nowhere."""
+        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
+                               layers=layers, top_n=top_n, threshold=threshold, operator=operator, target=target,
+                               preserve=preserve, operations=operations)
+        return await self._start(self._edits.PreviewEdit, pb.PreviewEditRequest(spec=spec), pb.EditPlan, True, timeout,
+                           progress)
+
+    async def edit(self, model: str | None = None, *, suppress: Concepts = None, amplify: Concepts = None,
+             flip: Concepts = None, scale: Concepts = None, strength: float | None = None,
+             layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
+             operator: str | None = None, target: float | None = None, preserve: Concepts = None,
+             operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> Edit:
+        """Create an edit; returns at once with ``state == "pending"`` (``client.wait(edit)``).
+
+        ``strength`` is α for every action (``suppress=["red"], strength=0.5`` halves the selected
+        singular values). Every call carries an idempotency key (``request_id``, fresh by default),
+        so a retry after a lost response returns the edit the first attempt created.
+        """
+        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
+                               layers=layers, top_n=top_n, threshold=threshold, operator=operator, target=target,
+                               preserve=preserve, operations=operations)
+        return self._edit(await self._call(self._edits.CreateEdit, self._create_request(spec, request_id)))
+
+    async def get_edit(self, name: str | Edit) -> Edit:
+        return self._edit(await self._call(self._edits.GetEdit, checked(pb.GetEditRequest(name=resource_name(name)))))
+
+    async def edits(self, *, page_size: int | None = None) -> AsyncIterator[Edit]:
+        """Every edit of this tenant, newest first, pages fetched lazily (without plans)."""
+        token = ""
+        while True:
+            req = checked(pb.ListEditsRequest(page_size=page_size or 0, page_token=token))
+            r = await self._call(self._edits.ListEdits, req)
+            for e in r.edits:
+                yield self._edit(e)
+            token = r.next_page_token
+            if not token:
+                return
+
+    async def delete_edit(self, edit: Edit | str) -> None:
+        await self._call(self._edits.DeleteEdit, checked(pb.DeleteEditRequest(name=resource_name(edit))))
+
+    async def download(self, edit: Edit | str, path: str | os.PathLike[str], *, overwrite: bool = True,
+                 timeout: float = DOWNLOAD_TIMEOUT) -> Path:
+        """Stream the edited model (one .safetensors file carrying its open_clip config) to ``path``.
+
+        The sha256 the server announces is checked before the file is atomically renamed into
+        place; ``path`` may be a directory. A dropped stream resumes from the last byte received.
+        """
+        name = resource_name(edit)
+        md = self.connection.metadata
+        with AtomicDownload(path, overwrite=overwrite) as d:
+            async def once() -> Path:
+                async for chunk in self._edits.DownloadEdit(self._download_request(name, d.written), timeout=timeout,
+                                                      metadata=md):
+                    if chunk.sha256:
+                        d.begin(filename=chunk.filename, total_bytes=chunk.total_bytes, sha256=chunk.sha256)
+                    d.write(chunk.data, chunk.offset)
+                return d.commit()
+
+            return await acall_with_retry(once, self.retry)
+
+    # --- embeddings --------------------------------------------------------------------------
+    async def embed_texts(self, texts: str | Sequence[str], *, model: str | None = None, edit: Edit | str | None = None,
+                    normalize: bool = True) -> Embeddings:
+        """Text embeddings ``[N, D]`` of a base model (``edit=`` is rejected: edits change only images)."""
+        req = self._embed_texts_request(texts, model, edit, normalize)
+        return Embeddings.from_proto(await self._call(self._embeddings.EmbedTexts, req))
+
+    async def embed_images(self, images: ImageLike | Iterable[ImageLike], *, model: str | None = None,
+                     edit: Edit | str | None = None, normalize: bool = True) -> Embeddings:
+        """Image embeddings ``[N, D]`` from a base or edited model. Images are encoded files (bytes
+        or paths, preprocessed by the server) or float32 arrays already preprocessed."""
+        req = self._embed_images_request(images, model, edit, normalize)
+        return Embeddings.from_proto(await self._call(self._embeddings.EmbedImages, req))
+
+    async def classify(self, images: ImageLike | Iterable[ImageLike], labels: Sequence[str], *,
+                 model: str | None = None, edit: Edit | str | None = None, template: str = "") -> Classification:
+        """Zero-shot classification of ``images`` over ``labels``."""
+        req = self._classify_request(images, labels, model, edit, template)
+        return Classification.from_proto(await self._call(self._embeddings.Classify, req), labels)
+

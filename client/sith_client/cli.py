@@ -13,16 +13,20 @@ Errors print one line (with suggestions) on stderr and set the exit status:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from sith_api.v1 import sith_pb2 as pb
 
 from . import __version__, errors
 from .client import Client
+from .jobs import Edit, Job
 from .types import EditOp
 
 EXIT_CODES: list[tuple[type[errors.SithError], int]] = [
@@ -91,11 +95,11 @@ def cmd_models(c: Client, a: argparse.Namespace) -> Any:
 
 
 def cmd_explain(c: Client, a: argparse.Namespace) -> Any:
-    heads = c.explain(a.model, layers=a.layers, heads=a.heads, method=a.method, k=a.k,
-                      coherence=a.coherence, timeout=a.wait_timeout, progress=not a.json)
+    result = c.explain(a.model, layers=a.layers, heads=a.heads, method=a.method, k=a.k,
+                       coherence=a.coherence, timeout=a.wait_timeout, progress=not a.json)
     if a.json:
-        return heads
-    for h in heads:
+        return result
+    for h in result.heads:
         theme = ", ".join(x.name for x in h.theme[:5])
         print(f"L{h.layer} H{h.head}" + (f"  theme: {theme}" if theme else ""))
         for v in h.vectors[: a.vectors]:
@@ -105,11 +109,11 @@ def cmd_explain(c: Client, a: argparse.Namespace) -> Any:
 
 
 def cmd_find(c: Client, a: argparse.Namespace) -> Any:
-    hits = c.find(a.concepts, model=a.model, layers=a.layers, top=a.top, timeout=a.wait_timeout,
-                  progress=not a.json)
+    result = c.find(a.concepts, model=a.model, layers=a.layers, top=a.top, timeout=a.wait_timeout,
+                    progress=not a.json)
     if a.json:
-        return hits
-    for h in hits:
+        return result
+    for h in result.hits:
         concepts = ", ".join(x.name for x in h.concepts[:5])
         print(f"L{h.layer:<3} H{h.head:<3} #{h.index:<4} score={h.score:.3f} σ={h.sigma:.3f}  {concepts}")
     return None
@@ -117,18 +121,25 @@ def cmd_find(c: Client, a: argparse.Namespace) -> Any:
 
 def _edit_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(suppress=a.suppress, amplify=a.amplify, flip=a.flip, scale=a.scale, strength=a.strength,
-                layers=a.layers, top_n=a.top_n, threshold=a.threshold,
+                layers=a.layers, top_n=a.top_n, threshold=a.threshold, operator=a.operator, target=a.target,
+                preserve=a.preserve,
                 operations=[EditOp(**op) for op in json.loads(a.operations)] if a.operations else None)
 
 
 def cmd_preview(c: Client, a: argparse.Namespace) -> Any:
-    preview = c.preview_edit(a.model, **_edit_kwargs(a), timeout=a.wait_timeout, progress=not a.json)
+    plan = c.preview_edit(a.model, **_edit_kwargs(a), timeout=a.wait_timeout, progress=not a.json)
     if a.json:
-        return preview.plan
-    print(f"{len(preview.affected)} singular vectors in {len(preview.heads)} heads would change:")
-    for v in preview.affected:
-        rel = "" if v.relevance is None else f" relevance={v.relevance:.3f}"
-        print(f"  L{v.layer} H{v.head} #{v.index}: α={v.alpha:g}{rel}  {', '.join(x.name for x in v.concepts[:4])}")
+        return plan
+    heads = {(v.layer, v.head) for v in plan.affected}
+    print(f"{len(plan.affected)} singular vectors in {len(heads)} heads would change:")
+    for v in plan.affected:
+        op = f" [{v.operator}]" if v.operator else ""
+        print(f"  L{v.layer} H{v.head} #{v.index}: α={v.alpha:g} relevance={v.relevance:.3f}{op}  "
+              f"{', '.join(x.name for x in v.concepts[:4])}")
+    for e in plan.predicted:
+        print(f"  {e.role} {e.concept}: {e.before:.3f} -> {e.after:.3f}")
+    for w in plan.warnings:
+        print(f"  warning: {w}")
     return None
 
 
@@ -136,33 +147,40 @@ def cmd_edit(c: Client, a: argparse.Namespace) -> Any:
     edit = c.edit(a.model, **_edit_kwargs(a))
     print(f"created {edit.name}", file=sys.stderr)
     if a.no_wait and not a.download:
-        return _edit_summary(edit) if a.json else print(edit.name)
-    edit.wait(timeout=a.wait_timeout, progress=not a.json)
+        return edit if a.json else print(edit.name)
+    edit = c.wait(edit, timeout=a.wait_timeout, progress=not a.json)
     if a.download:
-        path = edit.download(a.download)
+        path = c.download(edit, a.download)
         print(f"wrote {path}", file=sys.stderr)
-    return _edit_summary(edit) if a.json else print(f"{edit.name} {edit.state}")
-
-
-def _edit_summary(e: Any) -> dict[str, Any]:
-    return {"name": e.name, "state": e.state, "model": e.model, "base_model_hash": e.base_model_hash,
-            "operation": e.operation, "operations": [_plain(o) for o in e.operations],
-            "create_time": e.create_time.isoformat() if e.create_time else None}
+    return edit if a.json else print(f"{edit.name} {edit.state}")
 
 
 def cmd_edits(c: Client, a: argparse.Namespace) -> Any:
     edits = list(c.edits())
     if a.json:
-        return [_edit_summary(e) for e in edits]
+        return edits
     for e in edits:
-        ops = "; ".join(f"{o.action} {','.join(o.concepts)}" for o in e.operations)
-        print(f"{e.name:<40} {e.state:<8} {ops}")
+        print(f"{e.name:<60} {e.state:<8} {_operations(e)}")
     return None
+
+
+def _operations(e: Edit) -> str:
+    return "; ".join(f"{pb.EditOperation.Action.Name(op.action).lower()} {','.join(op.concepts)}"
+                     for op in e.spec.operations)
 
 
 def cmd_get_edit(c: Client, a: argparse.Namespace) -> Any:
     e = c.get_edit(a.edit)
-    return _edit_summary(e) | {"plan": e.plan} if a.json else print(repr(e))
+    if a.json:
+        return e
+    print(f"{e.name}  {e.state}  {_operations(e)}")
+    if e.plan is not None:
+        print(f"  {len(e.plan.affected)} vectors rescaled; {len(e.plan.warnings)} warnings")
+    if e.artifact is not None:
+        print(f"  checkpoint: {e.artifact.filename} ({e.artifact.size_bytes} bytes, sha256 {e.artifact.sha256[:12]})")
+    if e.error is not None:
+        print(f"  error: {e.error}")
+    return None
 
 
 def cmd_download(c: Client, a: argparse.Namespace) -> Any:
@@ -208,12 +226,10 @@ def cmd_classify(c: Client, a: argparse.Namespace) -> Any:
 def cmd_job(c: Client, a: argparse.Namespace) -> Any:
     job = c.job(a.name)
     if a.cancel:
-        job.cancel()
+        job = c.cancel(job)
     elif a.wait:
-        job.wait(timeout=a.wait_timeout, progress=not a.json)
-    summary = {"name": job.name, "kind": job.kind, "state": job.state, "progress": job.progress,
-               "message": job.message, "result": job.raw_result}
-    return summary if a.json else print(f"{job.name} {job.kind} {job.state} {job.progress:.0%} {job.message}")
+        job = c.wait(job, timeout=a.wait_timeout, progress=not a.json)
+    return job if a.json else print(f"{job.name} {job.kind} {job.state} {job.progress:.0%} {job.message}")
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -241,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     def model_arg(sp: argparse.ArgumentParser, edit: bool = False) -> None:
         sp.add_argument("--model", help="model name or hash (default: the server's default)")
         if edit:
-            sp.add_argument("--edit", help="embed with an edited model ('edits/<id>')")
+            sp.add_argument("--edit", help="embed with an edited model ('tenants/<t>/edits/<id>')")
 
     def wait_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--wait-timeout", type=float, default=None, help="give up waiting after N seconds")
@@ -257,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     ints(sp, "--layers", "layers (negative from the end; default last four)")
     ints(sp, "--heads", "heads (default all)")
     sp.add_argument("--method", default="comp", choices=["comp", "nnomp", "topk", "mp"])
-    sp.add_argument("--k", type=int, default=5, help="concepts per vector")
+    sp.add_argument("--k", type=int, help="concepts per vector (default 5)")
     sp.add_argument("--coherence", type=float)
     sp.add_argument("--vectors", type=int, default=5, help="vectors to print per head")
 
@@ -266,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     model_arg(sp)
     wait_arg(sp)
     ints(sp, "--layers", "layers to search")
-    sp.add_argument("--top", type=int, default=20)
+    sp.add_argument("--top", type=int, help="hits (default 20)")
 
     for name, func, help in (("preview", cmd_preview, "dry-run an edit: which vectors would change"),
                              ("edit", cmd_edit, "create an edit (and optionally download the checkpoint)")):
@@ -275,7 +291,10 @@ def _parser() -> argparse.ArgumentParser:
         wait_arg(sp)
         for action in ("suppress", "amplify", "flip", "scale"):
             sp.add_argument(f"--{action}", nargs="+", metavar="CONCEPT", help=f"concepts to {action}")
-        sp.add_argument("--strength", type=float, help="α for --amplify/--scale")
+        sp.add_argument("--strength", type=float, help="α for every action (suppress 0..1, amplify >1, flip <0)")
+        sp.add_argument("--operator", help="edit operator (sith_scale, head_project, ...; default auto)")
+        sp.add_argument("--target", type=float, help="suppress: presence level to reach; amplify: factor")
+        sp.add_argument("--preserve", nargs="+", metavar="CONCEPT", help="concepts to protect")
         ints(sp, "--layers", "layers to edit (default last four)")
         sel = sp.add_mutually_exclusive_group()
         sel.add_argument("--top-n", type=int, help="rescale the N most relevant vectors per operation")
@@ -322,11 +341,13 @@ def _print(out: Any) -> None:
 
 
 def _plain(o: Any) -> Any:
-    """JSON-ready data: dataclasses and (concept, score) named tuples become objects."""
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return {f.name: _plain(getattr(o, f.name)) for f in dataclasses.fields(o) if f.repr}
-    if isinstance(o, tuple) and hasattr(o, "_asdict"):
-        return {k: _plain(v) for k, v in o._asdict().items()}
+    """JSON-ready data: messages in their proto JSON form (field names as in the proto)."""
+    if isinstance(o, Message):
+        return json_format.MessageToDict(o, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if isinstance(o, Job):
+        return _plain(o.operation)
+    if isinstance(o, Edit):
+        return _plain(o.message)
     if isinstance(o, dict):
         return {str(k): _plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
@@ -335,8 +356,6 @@ def _plain(o: Any) -> Any:
         return o.tolist()
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
-    if hasattr(o, "isoformat"):
-        return o.isoformat()
     return o
 
 

@@ -1,13 +1,14 @@
-"""The synchronous client.
+"""The synchronous client: :class:`~sith_client._base.BaseClient` plus blocking I/O.
 
     with sith_client.Client("localhost:50051") as c:
-        heads = c.explain(layers=[-1], k=5)
-        c.edit(suppress=["red"]).wait(progress=True).download("red-free.safetensors")
+        heads = c.explain(layers=[-1], k=5).heads
+        edit = c.wait(c.edit(suppress=["red"]), progress=True)
+        c.download(edit, "red-free.safetensors")
         vecs = c.embed_texts(["a red square"]).vectors          # numpy [1, D]
 
 Every call has a deadline (``timeout``, seconds) and is retried with jittered exponential backoff
-on UNAVAILABLE, except ``edit()``, which creates a resource and so is sent exactly once.
-Failures raise :mod:`sith_client.errors` exceptions, never raw ``grpc.RpcError``.
+on UNAVAILABLE (creates too: each carries an idempotency key). Failures raise
+:mod:`sith_client.errors` exceptions, never raw ``grpc.RpcError``.
 """
 
 from __future__ import annotations
@@ -16,71 +17,47 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 import grpc
 
-from . import _requests as rq
-from ._channel import Connection
+from sith_api.v1 import adaptation_pb2 as apb
+from sith_api.v1 import adaptation_pb2_grpc as arpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as rpc
+
+from . import _progress
+from ._base import (DOWNLOAD_TIMEOUT, POLL_INTERVAL, WATCH_WINDOW, BaseClient, Concepts, ImageLike, checked,
+                    resource_name)
 from ._download import AtomicDownload
-from ._retry import NO_RETRY, RetryPolicy, call_with_retry
+from ._retry import call_with_retry
 from .errors import DeadlineExceeded, from_rpc_error
 from .jobs import Edit, Job
-from .types import (
-    Classification,
-    EditOp,
-    EditPreview,
-    Embeddings,
-    HeadExplanation,
-    LayerSpectrum,
-    ModelInfo,
-    SearchHit,
-)
-from .v1 import sith_pb2 as pb
-from .v1 import sith_pb2_grpc as rpc
+from .types import Classification, EditOp, Embeddings
 
 T = TypeVar("T")
 
 __all__ = ["Client"]
 
-DEFAULT_TIMEOUT = 30.0
-DOWNLOAD_TIMEOUT = 600.0
-WATCH_WINDOW = 60.0          # re-open WatchOperation at least this often (server bounds streams too)
-POLL_INTERVAL = (0.2, 2.0)   # polling fallback when the server lacks WatchOperation
 
-
-class Client:
+class Client(BaseClient):
     """A connection to a SITH server. Thread-safe; use one per process and close it (or ``with``).
 
-    ``address`` defaults to ``$SITH_ADDRESS`` or ``localhost:50051``; ``token`` to ``$SITH_TOKEN``.
-    TLS is on when ``tls=True`` (system roots) or ``root_certificates`` (PEM bytes or a path) is set.
-    ``retry=None`` disables retries.
+    ``address`` defaults to ``$SITH_ADDRESS`` or ``localhost:50051`` (``grpc://`` and ``grpcs://``
+    prefixes accepted; ``grpcs`` turns TLS on); ``token`` to ``$SITH_TOKEN``. TLS is on with
+    ``tls=True`` (system roots) or ``root_certificates`` (PEM bytes or a path). ``retry=None``
+    disables retries. Long-running calls take ``wait=False`` to return a :class:`Job` at once.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        token: str | None = None,
-        tls: bool | None = None,
-        root_certificates: bytes | str | os.PathLike[str] | None = None,
-        server_name: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = RetryPolicy(),
-    ) -> None:
-        self.connection = Connection.resolve(
-            address, token=token, tls=tls, root_certificates=root_certificates, server_name=server_name  # type: ignore[arg-type]
-        )
-        self.timeout = timeout
-        self.retry = retry or NO_RETRY
+    def __init__(self, address: str | None = None, **options: Any) -> None:
+        super().__init__(address, **options)
         self._channel = self.connection.channel()
         self._models = rpc.ModelsStub(self._channel)
         self._analysis = rpc.AnalysisStub(self._channel)
         self._edits = rpc.EditsStub(self._channel)
         self._embeddings = rpc.EmbeddingsStub(self._channel)
         self._operations = rpc.OperationsStub(self._channel)
-
-    # --- lifecycle ---------------------------------------------------------------------------
+        self._adaptation = arpc.AdaptationStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -91,174 +68,110 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"<Client {self.connection.address}>"
-
-    def _call(self, method: Callable[..., T], request: Any, *, idempotent: bool = True,
-              timeout: float | None = None) -> T:
+    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
         md = self.connection.metadata
         t = timeout or self.timeout
-        return call_with_retry(lambda: method(request, timeout=t, metadata=md), self.retry, idempotent=idempotent)
+        return call_with_retry(lambda: method(request, timeout=t, metadata=md), self.retry)
 
     # --- models ------------------------------------------------------------------------------
-
-    def models(self) -> list[ModelInfo]:
+    def models(self) -> list[pb.Model]:
         """Models the server has loaded (the default one has ``is_default``)."""
-        r = self._call(self._models.ListModels, pb.ListModelsRequest())
-        return [ModelInfo.from_proto(m) for m in r.models]
+        return list(self._call(self._models.ListModels, pb.ListModelsRequest()).models)
 
-    def model(self, name: str = "") -> ModelInfo:
+    def model(self, name: str = "") -> pb.Model:
         """One model by name or hash (empty = the default model)."""
-        return ModelInfo.from_proto(self._call(self._models.GetModel, pb.GetModelRequest(model=name)))
+        return self._call(self._models.GetModel, checked(pb.GetModelRequest(model=name)))
 
     # --- analysis (long-running) -------------------------------------------------------------
+    def _start(self, method: Callable, request: Any, result_type: type, wait: bool, timeout: float | None,
+               progress: _progress.ProgressArg) -> Any:
+        job = self._job(self._call(method, request), result_type)
+        return self.result(job, timeout=timeout, progress=progress) if wait else job
 
-    def _job(self, op: pb.Operation, parse: Callable[[dict[str, Any]], T], wait: bool,
-             timeout: float | None, progress: Any) -> T | Job[T]:
-        job = Job(self, op, parse)
-        return job.result(timeout=timeout, progress=progress) if wait else job
-
-    @overload
-    def decompose(self, model: str | None = ..., *, layers: Sequence[int] | None = ...,
-                  wait: Literal[True] = ..., timeout: float | None = ..., progress: Any = ...) -> list[LayerSpectrum]: ...
-    @overload
-    def decompose(self, model: str | None = ..., *, layers: Sequence[int] | None = ...,
-                  wait: Literal[False], timeout: float | None = ..., progress: Any = ...) -> Job[list[LayerSpectrum]]: ...
-    def decompose(self, model=None, *, layers=None, wait=True, timeout=None, progress=False):  # type: ignore[no-untyped-def]
+    def decompose(self, model: str | None = None, *, layers: Sequence[int] | None = None, wait: bool = True,
+                  timeout: float | None = None, progress: _progress.ProgressArg = False) -> pb.DecomposeResponse:
         """Per-head singular values of ``layers`` (default: the last four)."""
-        op = self._call(self._analysis.Decompose, pb.DecomposeRequest(model=model or "", layers=list(layers or ())))
-        return self._job(op, rq.parse_decompose, wait, timeout, progress)
+        return self._start(self._analysis.Decompose, self._decompose_request(model, layers),
+                           pb.DecomposeResponse, wait, timeout, progress)
 
-    @overload
-    def explain(self, model: str | None = ..., *, layers: Sequence[int] | None = ..., heads: Sequence[int] | None = ...,
-                method: str = ..., k: int = ..., coherence: float | None = ..., wait: Literal[True] = ...,
-                timeout: float | None = ..., progress: Any = ...) -> list[HeadExplanation]: ...
-    @overload
-    def explain(self, model: str | None = ..., *, layers: Sequence[int] | None = ..., heads: Sequence[int] | None = ...,
-                method: str = ..., k: int = ..., coherence: float | None = ..., wait: Literal[False],
-                timeout: float | None = ..., progress: Any = ...) -> Job[list[HeadExplanation]]: ...
-    def explain(self, model=None, *, layers=None, heads=None, method="comp", k=5, coherence=None,  # type: ignore[no-untyped-def]
-                wait=True, timeout=None, progress=False):
+    def explain(self, model: str | None = None, *, layers: Sequence[int] | None = None,
+                heads: Sequence[int] | None = None, method: str = "comp", k: int | None = None,
+                coherence: float | None = None, wait: bool = True, timeout: float | None = None,
+                progress: _progress.ProgressArg = False) -> pb.ExplainHeadsResponse:
         """Explain each head's singular vectors as sparse concept mixes (COMP by default)."""
-        req = rq.explain_request(model, layers, heads, method, k, coherence)
-        return self._job(self._call(self._analysis.ExplainHeads, req), rq.parse_explain, wait, timeout, progress)
+        return self._start(self._analysis.ExplainHeads, self._explain_request(model, layers, heads, method, k, coherence),
+                           pb.ExplainHeadsResponse, wait, timeout, progress)
 
-    @overload
-    def find(self, concepts: str | Sequence[str], *, model: str | None = ..., layers: Sequence[int] | None = ...,
-             top: int = ..., wait: Literal[True] = ..., timeout: float | None = ..., progress: Any = ...) -> list[SearchHit]: ...
-    @overload
-    def find(self, concepts: str | Sequence[str], *, model: str | None = ..., layers: Sequence[int] | None = ...,
-             top: int = ..., wait: Literal[False], timeout: float | None = ..., progress: Any = ...) -> Job[list[SearchHit]]: ...
-    def find(self, concepts, *, model=None, layers=None, top=20, wait=True, timeout=None, progress=False):  # type: ignore[no-untyped-def]
-        """Singular vectors that best match ``concepts``, best first."""
-        req = rq.find_request(concepts, model, layers, top)
-        return self._job(self._call(self._analysis.FindConcept, req), rq.parse_find, wait, timeout, progress)
+    def find(self, concepts: Concepts, *, model: str | None = None, layers: Sequence[int] | None = None,
+             top: int | None = None, wait: bool = True, timeout: float | None = None,
+             progress: _progress.ProgressArg = False) -> pb.FindConceptResponse:
+        """Singular vectors that best match ``concepts``, best first (``.hits``)."""
+        return self._start(self._analysis.FindConcept, self._find_request(concepts, model, layers, top),
+                           pb.FindConceptResponse, wait, timeout, progress)
 
-    def job(self, name: str) -> Job[dict[str, Any]]:
-        """Re-attach to an operation by name ("operations/{id}"); its result is the raw document."""
-        return Job(self, self._get_operation(name), rq.parse_raw)
+    def analyze_delta(self, base: str, finetuned: str, *, layers: Sequence[int] | None = None,
+                      directions: int | None = None, top: int | None = None, k: int | None = None,
+                      coherence: float | None = None, testbed_vocabulary: bool = False, wait: bool = True,
+                      timeout: float | None = None, progress: _progress.ProgressArg = False) -> apb.DeltaReport:
+        """What fine-tuning changed in each head of ``base`` (both served models)."""
+        req = self._delta_request(base, finetuned, layers, directions, top, k, coherence, testbed_vocabulary)
+        return self._start(self._adaptation.AnalyzeDelta, req, apb.DeltaReport, wait, timeout, progress)
 
-    # --- edits -------------------------------------------------------------------------------
+    def match_heads(self, model_a: str, model_b: str, *, layers_a: Sequence[int] | None = None,
+                    layers_b: Sequence[int] | None = None, k: int | None = None, coherence: float | None = None,
+                    testbed_vocabulary: bool = False, testbed_categories: bool = False, wait: bool = True,
+                    timeout: float | None = None, progress: _progress.ProgressArg = False) -> apb.MatchReport:
+        """Which heads of two models encode the same concepts."""
+        req = self._match_request(model_a, model_b, layers_a, layers_b, k, coherence, testbed_vocabulary,
+                                  testbed_categories)
+        return self._start(self._adaptation.MatchHeads, req, apb.MatchReport, wait, timeout, progress)
 
-    def preview_edit(self, model: str | None = None, *, suppress: rq.Concepts = None, amplify: rq.Concepts = None,
-                     flip: rq.Concepts = None, scale: rq.Concepts = None, strength: float | None = None,
-                     layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-                     operations: Sequence[EditOp] | None = None, timeout: float | None = None,
-                     progress: Any = False) -> EditPreview:
-        """Dry run: which singular vectors the edit would rescale, stored nowhere."""
-        spec = rq.edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
-                            layers=layers, top_n=top_n, threshold=threshold, operations=operations)
-        op = self._call(self._edits.PreviewEdit, pb.PreviewEditRequest(spec=spec))
-        return Job(self, op, rq.parse_preview).result(timeout=timeout, progress=progress)
+    # --- operations --------------------------------------------------------------------------
+    def job(self, name: str) -> Job:
+        """Re-attach to an operation by name ("operations/{id}")."""
+        return self._job(self._call(self._operations.GetOperation, checked(pb.GetOperationRequest(name=name))))
 
-    def edit(self, model: str | None = None, *, suppress: rq.Concepts = None, amplify: rq.Concepts = None,
-             flip: rq.Concepts = None, scale: rq.Concepts = None, strength: float | None = None,
-             layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-             operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> Edit:
-        """Create (plan and store) an edit; returns at once with ``state == "pending"``.
+    def refresh(self, handle: Job | Edit) -> Job | Edit:
+        """A fresh snapshot of a job or edit."""
+        if isinstance(handle, Edit):
+            return self.get_edit(handle.name)
+        op = self._call(self._operations.GetOperation, pb.GetOperationRequest(name=handle.name))
+        return Job(op, handle.result_type)
 
-        Retried like any read: every call carries an idempotency key (``request_id``, a fresh one by
-        default), so a retry after a lost response returns the edit the first attempt created.
-        Pass your own key to make a create safe to repeat across processes.
-        """
-        spec = rq.edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
-                            layers=layers, top_n=top_n, threshold=threshold, operations=operations)
-        request = pb.CreateEditRequest(spec=spec, request_id=rq.request_id(request_id))
-        return Edit(self, self._call(self._edits.CreateEdit, request))
+    def cancel(self, job: Job) -> Job:
+        """Ask the server to stop the job (best effort); the snapshot shows what it said."""
+        return Job(self._call(self._operations.CancelOperation, pb.CancelOperationRequest(name=job.name)),
+                   job.result_type)
 
-    def get_edit(self, name: str) -> Edit:
-        return Edit(self, self._get_edit_proto(name))
+    def wait(self, handle: Job | Edit, *, timeout: float | None = None,
+             progress: _progress.ProgressArg = False) -> Any:
+        """Block until the job is done (or the edit ready), following its progress; returns the
+        final snapshot. Raises :class:`JobFailed` (also of the failure's own type) if it failed or
+        was cancelled, :class:`DeadlineExceeded` after ``timeout`` seconds (the work goes on)."""
+        cb = _progress.callback(progress)
+        if isinstance(handle, Edit):
+            if handle.state == "pending" and handle.operation:
+                # follow the edit's job directly; the edit record then carries the outcome (and the
+                # authoritative error, if any)
+                self._follow(handle.operation, timeout, lambda op: cb(Job(op)) if cb else None)
+            return self.get_edit(handle.name).check()
+        job = handle
+        if not job.done:
+            def on_update(op: pb.Operation) -> None:
+                if cb:
+                    cb(Job(op, job.result_type))
+            job = Job(self._follow(job.name, timeout, on_update), job.result_type)
+        elif cb:
+            cb(job)
+        if job.state in ("failed", "cancelled"):
+            job.result()  # raises the typed failure
+        return job
 
-    def edits(self, *, page_size: int = 0) -> Iterator[Edit]:
-        """Every edit of this tenant, newest pages fetched lazily."""
-        token = ""
-        while True:
-            r = self._call(self._edits.ListEdits, pb.ListEditsRequest(page_size=page_size, page_token=token))
-            for e in r.edits:
-                yield Edit(self, e)
-            token = r.next_page_token
-            if not token:
-                return
+    def result(self, job: Job, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> Any:
+        """Wait for ``job``, then return its typed result (e.g. an ExplainHeadsResponse)."""
+        return self.wait(job, timeout=timeout, progress=progress).result()
 
-    def delete_edit(self, edit: Edit | str) -> None:
-        self._call(self._edits.DeleteEdit, pb.DeleteEditRequest(name=rq.resource_name(edit)))
-
-    def download(self, edit: Edit | str, path: str | os.PathLike[str], *, overwrite: bool = True,
-                 timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-        """Stream the edited checkpoint (safetensors, open_clip layout) to ``path``.
-
-        The sha256 announced by the server is checked before the file is atomically renamed into
-        place; ``path`` may be a directory. A dropped stream is retried from the last byte received.
-        """
-        name = rq.resource_name(edit)
-        md = self.connection.metadata
-        with AtomicDownload(path, overwrite=overwrite) as d:
-            def once() -> Path:
-                req = pb.DownloadEditRequest(name=name, offset=d.written)
-                for chunk in self._edits.DownloadEdit(req, timeout=timeout, metadata=md):
-                    if chunk.sha256:
-                        d.begin(filename=chunk.filename, total_bytes=chunk.total_bytes, sha256=chunk.sha256)
-                    d.write(chunk.data, chunk.offset)
-                return d.commit()
-
-            return call_with_retry(once, self.retry)
-
-    def _get_edit_proto(self, name: str) -> pb.Edit:
-        return self._call(self._edits.GetEdit, pb.GetEditRequest(name=name))
-
-    # --- embeddings --------------------------------------------------------------------------
-
-    def embed_texts(self, texts: str | Sequence[str], *, model: str | None = None, edit: Edit | str | None = None,
-                    normalize: bool = True) -> Embeddings:
-        """Text embeddings ``[N, D]`` from a base model or an edited one (``edit=``)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        req = pb.EmbedTextsRequest(target=rq.model_ref(model, edit), texts=texts, normalize=normalize)
-        return Embeddings.from_proto(self._call(self._embeddings.EmbedTexts, req))
-
-    def embed_images(self, images: rq.ImageLike | Iterable[rq.ImageLike], *, model: str | None = None,
-                     edit: Edit | str | None = None, normalize: bool = True) -> Embeddings:
-        """Image embeddings ``[N, D]``. Images are encoded files (bytes or paths, preprocessed by
-        the server) or float32 arrays already preprocessed with the model's transform."""
-        req = pb.EmbedImagesRequest(target=rq.model_ref(model, edit), images=rq.images_to_proto(images),
-                                    normalize=normalize)
-        return Embeddings.from_proto(self._call(self._embeddings.EmbedImages, req))
-
-    def classify(self, images: rq.ImageLike | Iterable[rq.ImageLike], labels: Sequence[str], *,
-                 model: str | None = None, edit: Edit | str | None = None, template: str = "") -> Classification:
-        """Zero-shot classification of ``images`` over ``labels``."""
-        req = pb.ClassifyRequest(target=rq.model_ref(model, edit), images=rq.images_to_proto(images),
-                                 labels=list(labels), template=template)
-        return Classification.from_proto(self._call(self._embeddings.Classify, req), labels)
-
-    # --- operations (used by Job/Edit) -------------------------------------------------------
-
-    def _get_operation(self, name: str) -> pb.Operation:
-        return self._call(self._operations.GetOperation, pb.GetOperationRequest(name=name))
-
-    def _cancel_operation(self, name: str) -> pb.Operation:
-        return self._call(self._operations.CancelOperation, pb.CancelOperationRequest(name=name))
-
-    def _wait_operation(self, name: str, timeout: float | None, on_update: Callable[[pb.Operation], None]) -> pb.Operation:
+    def _follow(self, name: str, timeout: float | None, on_update: Callable[[pb.Operation], None]) -> pb.Operation:
         """Follow ``WatchOperation`` until done, re-opening the stream when it ends or drops."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delays = self.retry.delays()
@@ -279,7 +192,7 @@ class Client:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue
                 if code == grpc.StatusCode.UNIMPLEMENTED:
-                    return self._poll_operation(name, deadline, timeout, on_update)
+                    return self._poll(name, deadline, timeout, on_update)
                 if self.retry.retryable(err):
                     delay = next(delays, None)
                     if delay is not None:
@@ -287,16 +200,104 @@ class Client:
                         continue
                 raise from_rpc_error(err) from None
 
-    def _poll_operation(self, name: str, deadline: float | None, timeout: float | None,
-                        on_update: Callable[[pb.Operation], None]) -> pb.Operation:
+    def _poll(self, name: str, deadline: float | None, timeout: float | None,
+              on_update: Callable[[pb.Operation], None]) -> pb.Operation:
         interval = POLL_INTERVAL[0]
         while True:
-            op = self._get_operation(name)
+            op = self._call(self._operations.GetOperation, pb.GetOperationRequest(name=name))
             on_update(op)
             if op.done:
                 return op
             time.sleep(min(interval, _remaining(deadline, name, timeout)))
             interval = min(interval * 1.5, POLL_INTERVAL[1])
+
+    # --- edits -------------------------------------------------------------------------------
+    def preview_edit(self, model: str | None = None, *, suppress: Concepts = None, amplify: Concepts = None,
+                     flip: Concepts = None, scale: Concepts = None, strength: float | None = None,
+                     layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
+                     operator: str | None = None, target: float | None = None, preserve: Concepts = None,
+                     operations: Sequence[EditOp] | None = None, timeout: float | None = None,
+                     progress: _progress.ProgressArg = False) -> pb.EditPlan:
+        """Dry run: the EditPlan (vectors, α, predicted effects, warnings), stored nowhere."""
+        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
+                               layers=layers, top_n=top_n, threshold=threshold, operator=operator, target=target,
+                               preserve=preserve, operations=operations)
+        return self._start(self._edits.PreviewEdit, pb.PreviewEditRequest(spec=spec), pb.EditPlan, True, timeout,
+                           progress)
+
+    def edit(self, model: str | None = None, *, suppress: Concepts = None, amplify: Concepts = None,
+             flip: Concepts = None, scale: Concepts = None, strength: float | None = None,
+             layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
+             operator: str | None = None, target: float | None = None, preserve: Concepts = None,
+             operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> Edit:
+        """Create an edit; returns at once with ``state == "pending"`` (``client.wait(edit)``).
+
+        ``strength`` is α for every action (``suppress=["red"], strength=0.5`` halves the selected
+        singular values). Every call carries an idempotency key (``request_id``, fresh by default),
+        so a retry after a lost response returns the edit the first attempt created.
+        """
+        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
+                               layers=layers, top_n=top_n, threshold=threshold, operator=operator, target=target,
+                               preserve=preserve, operations=operations)
+        return self._edit(self._call(self._edits.CreateEdit, self._create_request(spec, request_id)))
+
+    def get_edit(self, name: str | Edit) -> Edit:
+        return self._edit(self._call(self._edits.GetEdit, checked(pb.GetEditRequest(name=resource_name(name)))))
+
+    def edits(self, *, page_size: int | None = None) -> Iterator[Edit]:
+        """Every edit of this tenant, newest first, pages fetched lazily (without plans)."""
+        token = ""
+        while True:
+            req = checked(pb.ListEditsRequest(page_size=page_size or 0, page_token=token))
+            r = self._call(self._edits.ListEdits, req)
+            for e in r.edits:
+                yield self._edit(e)
+            token = r.next_page_token
+            if not token:
+                return
+
+    def delete_edit(self, edit: Edit | str) -> None:
+        self._call(self._edits.DeleteEdit, checked(pb.DeleteEditRequest(name=resource_name(edit))))
+
+    def download(self, edit: Edit | str, path: str | os.PathLike[str], *, overwrite: bool = True,
+                 timeout: float = DOWNLOAD_TIMEOUT) -> Path:
+        """Stream the edited model (one .safetensors file carrying its open_clip config) to ``path``.
+
+        The sha256 the server announces is checked before the file is atomically renamed into
+        place; ``path`` may be a directory. A dropped stream resumes from the last byte received.
+        """
+        name = resource_name(edit)
+        md = self.connection.metadata
+        with AtomicDownload(path, overwrite=overwrite) as d:
+            def once() -> Path:
+                for chunk in self._edits.DownloadEdit(self._download_request(name, d.written), timeout=timeout,
+                                                      metadata=md):
+                    if chunk.sha256:
+                        d.begin(filename=chunk.filename, total_bytes=chunk.total_bytes, sha256=chunk.sha256)
+                    d.write(chunk.data, chunk.offset)
+                return d.commit()
+
+            return call_with_retry(once, self.retry)
+
+    # --- embeddings --------------------------------------------------------------------------
+    def embed_texts(self, texts: str | Sequence[str], *, model: str | None = None, edit: Edit | str | None = None,
+                    normalize: bool = True) -> Embeddings:
+        """Text embeddings ``[N, D]`` of a base model (``edit=`` is rejected: edits change only images)."""
+        req = self._embed_texts_request(texts, model, edit, normalize)
+        return Embeddings.from_proto(self._call(self._embeddings.EmbedTexts, req))
+
+    def embed_images(self, images: ImageLike | Iterable[ImageLike], *, model: str | None = None,
+                     edit: Edit | str | None = None, normalize: bool = True) -> Embeddings:
+        """Image embeddings ``[N, D]`` from a base or edited model. Images are encoded files (bytes
+        or paths, preprocessed by the server) or float32 arrays already preprocessed."""
+        req = self._embed_images_request(images, model, edit, normalize)
+        return Embeddings.from_proto(self._call(self._embeddings.EmbedImages, req))
+
+    def classify(self, images: ImageLike | Iterable[ImageLike], labels: Sequence[str], *,
+                 model: str | None = None, edit: Edit | str | None = None, template: str = "") -> Classification:
+        """Zero-shot classification of ``images`` over ``labels``."""
+        req = self._classify_request(images, labels, model, edit, template)
+        return Classification.from_proto(self._call(self._embeddings.Classify, req), labels)
 
 
 def _remaining(deadline: float | None, name: str, timeout: float | None) -> float:

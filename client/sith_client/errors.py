@@ -2,19 +2,23 @@
 
 gRPC reports failures as a status code plus, in the ``grpc-status-details-bin`` trailer, a
 ``google.rpc.Status`` whose details say *what* was wrong (which field, which resource, when to
-retry). Callers should be able to ``except sith_client.InvalidArgument as e: e.suggestions``
-instead of parsing strings, so :func:`from_rpc_error` turns both into one exception class.
+retry). Callers ``except sith_client.InvalidArgument as e: e.field, e.suggestions``: the fields
+come from google.rpc.BadRequest and the close matches from sith.v1.Suggestions details, as data
+(never parsed out of a message). The SDK raises the same classes for requests it rejects before
+sending (bounds from the proto, ``sith_api.bounds``), so a caller handles both alike.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+from sith_api.bounds import BoundsError
+from sith_api.v1 import sith_pb2 as pb
 
 __all__ = [
     "SithError",
@@ -39,6 +43,7 @@ __all__ = [
     "ChecksumMismatch",
     "from_rpc_error",
     "from_status",
+    "invalid_argument",
 ]
 
 
@@ -82,8 +87,9 @@ class SithError(Exception):
     def suggestions(self) -> list[str]:
         """Close matches the server offered (e.g. model or concept names near a misspelt one)."""
         out: dict[str, None] = {}
-        for values in _metadata_suggestions(self.error_info).values():
-            out.update(dict.fromkeys(values))
+        for d in self.details:
+            if isinstance(d, pb.Suggestions):
+                out.update(dict.fromkeys(d.values))
         return list(out)
 
     @property
@@ -119,13 +125,12 @@ class InvalidArgument(SithError):
 
     @property
     def field_violations(self) -> list[FieldViolation]:
-        extra = _metadata_suggestions(self.error_info)
+        by_field = {d.field: tuple(d.values) for d in self.details if isinstance(d, pb.Suggestions)}
         out: list[FieldViolation] = []
         for d in self.details:
             if isinstance(d, error_details_pb2.BadRequest):
                 for v in d.field_violations:
-                    sugg = _suggestions_from_text(v.description) or extra.get(v.field, ())
-                    out.append(FieldViolation(v.field, v.description, v.reason, tuple(sugg)))
+                    out.append(FieldViolation(v.field, v.description, v.reason, by_field.get(v.field, ())))
         return out
 
     @property
@@ -134,19 +139,10 @@ class InvalidArgument(SithError):
         fv = self.field_violations
         return fv[0].field if fv else None
 
-    @property
-    def suggestions(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for fv in self.field_violations:
-            seen.update(dict.fromkeys(fv.suggestions))
-        for values in _metadata_suggestions(self.error_info).values():
-            seen.update(dict.fromkeys(values))
-        return list(seen)
-
     def __str__(self) -> str:
         base = super().__str__()
         sugg = self.suggestions
-        return f"{base} (did you mean: {', '.join(sugg)}?)" if sugg and "did you mean" not in base else base
+        return f"{base} (did you mean: {', '.join(sugg)}?)" if sugg else base
 
 
 class DeadlineExceeded(SithError):
@@ -154,13 +150,20 @@ class DeadlineExceeded(SithError):
 
 
 class NotFound(SithError):
-    """An unknown model, edit or operation; ``resource`` is the ``ResourceInfo`` detail if sent."""
+    """An unknown model, edit or operation: ``resource`` is its name (e.g. "tenants/t/edits/…"),
+    ``resource_type`` what it is ("model", "edit", "operation"); ``suggestions`` are close matches."""
 
     code = grpc.StatusCode.NOT_FOUND
 
     @property
-    def resource(self) -> error_details_pb2.ResourceInfo | None:
-        return self.detail(error_details_pb2.ResourceInfo)
+    def resource(self) -> str:
+        info = self.detail(error_details_pb2.ResourceInfo)
+        return info.resource_name if info else ""
+
+    @property
+    def resource_type(self) -> str:
+        info = self.detail(error_details_pb2.ResourceInfo)
+        return info.resource_type if info else ""
 
 
 class AlreadyExists(SithError):
@@ -269,7 +272,7 @@ _DETAIL_TYPES = [
     error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo,
     error_details_pb2.RetryInfo, error_details_pb2.Help, error_details_pb2.DebugInfo,
     error_details_pb2.QuotaFailure, error_details_pb2.PreconditionFailure,
-    error_details_pb2.RequestInfo, error_details_pb2.LocalizedMessage,
+    error_details_pb2.RequestInfo, error_details_pb2.LocalizedMessage, pb.Suggestions,
 ]
 
 
@@ -325,27 +328,21 @@ def _make(code: grpc.StatusCode, message: str, details: list[Any], attempts: int
     return cls(message, code=code, details=details)
 
 
-_DID_YOU_MEAN = re.compile(r"did you mean:?\s*(?P<list>[^?]+)\??", re.IGNORECASE)
+def invalid_argument(field: str, reason: str) -> InvalidArgument:
+    """The InvalidArgument the SDK raises for a request it rejects before sending (same details
+    as the server's: google.rpc.BadRequest + ErrorInfo)."""
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=reason, reason="INVALID_FIELD")
+    info = error_details_pb2.ErrorInfo(reason="INVALID_FIELD", domain="sith.v1", metadata={"field": field})
+    return InvalidArgument(f"{field}: {reason}", details=[error_details_pb2.BadRequest(field_violations=[violation]),
+                                                          info])
 
 
-def _suggestions_from_text(text: str) -> list[str]:
-    """Close matches the server wrote into a violation's description ("did you mean: a, b?")."""
-    m = _DID_YOU_MEAN.search(text)
-    if not m:
-        return []
-    items = re.split(r",\s*|\s+or\s+", m.group("list").strip().rstrip("."))
-    return [s.strip().strip("'\"") for s in items if s.strip().strip("'\"")]
+def from_bounds(exc: BoundsError) -> InvalidArgument:
+    """A ``sith_api.bounds`` rejection as the SDK's InvalidArgument (every bad field listed)."""
+    err = invalid_argument(exc.field, exc.reason)
+    err.details[0] = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.reason, reason="INVALID_FIELD")
+        for v in exc.violations])
+    return err
 
-
-def _metadata_suggestions(info: error_details_pb2.ErrorInfo | None) -> dict[str, tuple[str, ...]]:
-    """Suggestions carried in ``ErrorInfo.metadata`` as ``suggestions`` or ``suggestions.<field>``
-    (comma-separated), keyed by field ("" when not field-specific)."""
-    if info is None:
-        return {}
-    out: dict[str, tuple[str, ...]] = {}
-    for key, value in info.metadata.items():
-        if key == "suggestions" or key.startswith("suggestions."):
-            fieldname = key.partition(".")[2]
-            out[fieldname] = tuple(s.strip() for s in value.split(",") if s.strip())
-    return out
 

@@ -1,34 +1,29 @@
 """Handles on server-side work: :class:`Job` (a long-running operation) and :class:`Edit`.
 
-They are small snapshots bound to the client that fetched them, so calls chain naturally::
+They hold data only, a snapshot of what the server last said (the ``sith.v1.Operation`` or
+``sith.v1.Edit`` message itself, with typed views of it). Waiting, refreshing, cancelling and
+downloading are calls, so they live on the client, sync or async alike::
 
-    client.edit(suppress=["red"]).wait(progress=True).download("out.safetensors")
-
-``AsyncJob``/``AsyncEdit`` are the asyncio twins returned by :class:`~sith_client.AsyncClient`;
-their ``wait``/``refresh``/``download`` are coroutines.
+    edit = client.wait(client.edit(suppress=["red"]))        # Edit, ready
+    client.download(edit, "red-free.safetensors")
+    job = client.find("red", wait=False); hits = client.result(job)
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from . import _progress
-from ._requests import operation_result
+from google.protobuf.message import Message
+
 from .errors import Cancelled, JobFailed, SithError, from_status
-from .types import EditOp, EditPreview, EditState, JobState, struct_to_dict, timestamp
-from .v1 import sith_pb2 as pb
+from .types import EditState, JobState, timestamp
+from sith_api.v1 import sith_pb2 as pb
 
-if TYPE_CHECKING:
-    from .aio import AsyncClient
-    from .client import Client
+T = TypeVar("T", bound=Message)
 
-T = TypeVar("T")
-
-__all__ = ["Job", "AsyncJob", "Edit", "AsyncEdit"]
+__all__ = ["Job", "Edit"]
 
 _JOB_STATES: dict[int, JobState] = {
     pb.OperationMetadata.QUEUED: "queued",
@@ -37,243 +32,157 @@ _JOB_STATES: dict[int, JobState] = {
     pb.OperationMetadata.FAILED: "failed",
     pb.OperationMetadata.CANCELLED: "cancelled",
 }
-_EDIT_STATES: dict[int, EditState] = {
-    pb.Edit.PENDING: "pending",
-    pb.Edit.READY: "ready",
-    pb.Edit.FAILED: "failed",
-}
+_EDIT_STATES: dict[int, EditState] = {pb.Edit.PENDING: "pending", pb.Edit.READY: "ready", pb.Edit.FAILED: "failed"}
 
 
-class _JobBase(Generic[T]):
-    """Snapshot of an operation: state, progress, and (once done) result or error."""
+@dataclass(frozen=True)
+class Job(Generic[T]):
+    """A snapshot of an operation; ``result_type`` is the message its response holds."""
 
-    name: str
-    kind: str
-    state: JobState
-    progress: float
-    message: str
-    done: bool
-    target: str
-    create_time: _dt.datetime | None
-    update_time: _dt.datetime | None
-    error: SithError | None
+    operation: pb.Operation
+    result_type: type[T] | None = None
 
-    def __init__(self, client: Any, op: pb.Operation, parse: Callable[[dict[str, Any]], T]) -> None:
-        self._client = client
-        self._parse = parse
-        self._result_doc: dict[str, Any] | None = None
-        self._update(op)
-
-    def _update(self, op: pb.Operation) -> None:
-        m = op.metadata
-        self.name = op.name
-        self.kind = m.kind
-        self.done = op.done
-        self.progress = m.progress
-        self.message = m.message
-        self.target = m.target
-        self.create_time = timestamp(m.create_time)
-        self.update_time = timestamp(m.update_time)
-        self.state = _JOB_STATES.get(m.state, "unspecified")
-        if op.done and self.state in ("queued", "running", "unspecified"):
-            self.state = "failed" if op.HasField("error") else "succeeded"
-        self.error = from_status(op.error) if op.HasField("error") else None
-        self._result_doc = operation_result(op) if op.done and op.HasField("response") else None
+    @property
+    def name(self) -> str:
+        return self.operation.name
 
     @property
     def id(self) -> str:
         return self.name.rpartition("/")[2]
 
     @property
-    def raw_result(self) -> dict[str, Any] | None:
-        """The untyped result document, when done and succeeded."""
-        return self._result_doc
+    def kind(self) -> str:
+        return self.operation.metadata.kind
 
-    def _finished(self) -> T:
-        """The typed result of a finished job, or the typed reason it failed."""
-        if self.error is not None or self.state in ("failed", "cancelled"):
-            cause = self.error or (Cancelled("cancelled") if self.state == "cancelled" else None)
+    @property
+    def done(self) -> bool:
+        return self.operation.done
+
+    @property
+    def state(self) -> JobState:
+        state = _JOB_STATES.get(self.operation.metadata.state, "unspecified")
+        if self.done and state in ("queued", "running", "unspecified"):
+            return "failed" if self.operation.HasField("error") else "succeeded"
+        return state
+
+    @property
+    def progress(self) -> float:
+        return self.operation.metadata.progress
+
+    @property
+    def message(self) -> str:
+        return self.operation.metadata.message
+
+    @property
+    def target(self) -> str:
+        return self.operation.metadata.target
+
+    @property
+    def create_time(self) -> _dt.datetime | None:
+        return timestamp(self.operation.metadata.create_time)
+
+    @property
+    def update_time(self) -> _dt.datetime | None:
+        return timestamp(self.operation.metadata.update_time)
+
+    @property
+    def error(self) -> SithError | None:
+        return from_status(self.operation.error) if self.operation.HasField("error") else None
+
+    def result(self) -> T:
+        """The typed result of a finished job; :class:`JobFailed` (also of the job's own error type,
+        e.g. InvalidArgument) if it failed or was cancelled."""
+        if not self.done:
+            raise SithError(f"{self.name} is {self.state}; wait for it first (client.wait / client.result)")
+        cause = self.error
+        if cause is not None or self.state in ("failed", "cancelled"):
+            cause = cause or (Cancelled("cancelled") if self.state == "cancelled" else None)
             what = cause.message if cause else self.message or "no reason given"
-            raise JobFailed.create(f"{self.kind or 'job'} {self.name} {self.state}: {what}", operation=self.name, cause=cause)
-        return self._parse(self._result_doc or {})
+            raise JobFailed.create(f"{self.kind or 'job'} {self.name} {self.state}: {what}", operation=self.name,
+                                   cause=cause)
+        response = self.operation.response
+        kind = self.result_type or _message_class(response.type_url)
+        message = kind()
+        if not response.Unpack(message):
+            raise SithError(f"{self.name} returned {response.type_url}, expected {kind.DESCRIPTOR.full_name}")
+        return message  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} {self.kind} {self.state} {self.progress:.0%}>"
+        return f"<Job {self.name} {self.kind} {self.state} {self.progress:.0%}>"
 
 
-class Job(_JobBase[T]):
-    """A long-running operation on a sync :class:`~sith_client.Client`."""
+def _message_class(type_url: str) -> type[Message]:
+    """The generated class of an Any's type (sith.v1 results, or google.protobuf.Struct)."""
+    from google.protobuf import descriptor_pool, message_factory, struct_pb2  # noqa: F401 - registers Struct
 
-    _client: Client
-
-    def refresh(self) -> Job[T]:
-        self._update(self._client._get_operation(self.name))
-        return self
-
-    def wait(self, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> Job[T]:
-        """Block until done (streaming progress). Raises :class:`JobFailed` if it failed or was
-        cancelled, :class:`~sith_client.errors.DeadlineExceeded` after ``timeout`` seconds."""
-        cb = _progress.callback(progress)
-
-        def on_update(op: pb.Operation) -> None:
-            self._update(op)
-            if cb:
-                cb(self)
-
-        if not self.done:
-            self._client._wait_operation(self.name, timeout, on_update)
-        elif cb:
-            cb(self)
-        self._finished()
-        return self
-
-    def result(self, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> T:
-        """Wait, then return the typed result (e.g. ``list[HeadExplanation]``)."""
-        return self.wait(timeout=timeout, progress=progress)._finished()
-
-    def cancel(self) -> Job[T]:
-        """Ask the server to stop the job (best effort); the snapshot shows what it said."""
-        self._update(self._client._cancel_operation(self.name))
-        return self
+    name = type_url.rpartition("/")[2]
+    try:
+        return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))
+    except KeyError:
+        raise SithError(f"the server returned a result of unknown type {name!r}; upgrade sith-client") from None
 
 
-class AsyncJob(_JobBase[T]):
-    """A long-running operation on an :class:`~sith_client.AsyncClient`."""
+@dataclass(frozen=True)
+class Edit:
+    """A snapshot of a stored edit (``message`` is the sith.v1.Edit); state pending → ready | failed."""
 
-    _client: AsyncClient
+    message: pb.Edit
 
-    async def refresh(self) -> AsyncJob[T]:
-        self._update(await self._client._get_operation(self.name))
-        return self
-
-    async def wait(self, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> AsyncJob[T]:
-        cb = _progress.callback(progress)
-
-        def on_update(op: pb.Operation) -> None:
-            self._update(op)
-            if cb:
-                cb(self)
-
-        if not self.done:
-            await self._client._wait_operation(self.name, timeout, on_update)
-        elif cb:
-            cb(self)
-        self._finished()
-        return self
-
-    async def result(self, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> T:
-        return (await self.wait(timeout=timeout, progress=progress))._finished()
-
-    async def cancel(self) -> AsyncJob[T]:
-        self._update(await self._client._cancel_operation(self.name))
-        return self
-
-
-# --- edits -------------------------------------------------------------------------------------
-
-
-class _EditBase:
-    """Snapshot of a stored edit. ``state`` goes pending → ready (or failed)."""
-
-    name: str
-    state: EditState
-    model: str
-    operations: tuple[EditOp, ...]
-    operation: str
-    base_model_hash: str
-    create_time: _dt.datetime | None
-    plan: dict[str, Any]
-    error: SithError | None
-
-    def __init__(self, client: Any, e: pb.Edit) -> None:
-        self._client = client
-        self._update(e)
-
-    def _update(self, e: pb.Edit) -> None:
-        self.name = e.name
-        self.state = _EDIT_STATES.get(e.state, "unspecified")
-        self.model = e.spec.model
-        self.operations = tuple(EditOp.from_proto(op) for op in e.spec.operations)
-        self.operation = e.operation
-        self.base_model_hash = e.base_model_hash
-        self.create_time = timestamp(e.create_time)
-        self.plan = struct_to_dict(e.plan) if e.HasField("plan") else {}
-        self.error = from_status(e.error) if e.HasField("error") and e.error.code else None
+    @property
+    def name(self) -> str:
+        return self.message.name
 
     @property
     def id(self) -> str:
         return self.name.rpartition("/")[2]
+
+    @property
+    def state(self) -> EditState:
+        return _EDIT_STATES.get(self.message.state, "unspecified")
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
 
     @property
-    def preview(self) -> EditPreview:
-        """The stored plan, typed (which vectors were rescaled, by how much)."""
-        return EditPreview.from_dict(self.plan)
+    def spec(self) -> pb.EditSpec:
+        return self.message.spec
 
-    def _check(self) -> None:
+    @property
+    def plan(self) -> pb.EditPlan | None:
+        """The stored plan once ready (None in list results or before it is ready)."""
+        return self.message.plan if self.message.HasField("plan") else None
+
+    @property
+    def artifact(self) -> pb.Artifact | None:
+        return self.message.artifact if self.message.HasField("artifact") else None
+
+    @property
+    def operation(self) -> str:
+        return self.message.operation
+
+    @property
+    def base_model_hash(self) -> str:
+        return self.message.base_model_hash
+
+    @property
+    def create_time(self) -> _dt.datetime | None:
+        return timestamp(self.message.create_time)
+
+    @property
+    def error(self) -> SithError | None:
+        e = self.message.error
+        return from_status(e) if self.message.HasField("error") and e.code else None
+
+    def check(self) -> Edit:
+        """``self``, or :class:`JobFailed` (of the edit's error type) when the edit failed."""
         if self.state == "failed":
-            what = self.error.message if self.error else "no reason given"
-            raise JobFailed.create(f"edit {self.name} failed: {what}", operation=self.operation, cause=self.error)
+            cause = self.error
+            what = cause.message if cause else "no reason given"
+            raise JobFailed.create(f"edit {self.name} failed: {what}", operation=self.operation, cause=cause)
+        return self
 
     def __repr__(self) -> str:
-        ops = ", ".join(f"{o.action} {'/'.join(o.concepts)}" for o in self.operations)
-        return f"<{type(self).__name__} {self.name} {self.state} [{ops}]>"
-
-
-class Edit(_EditBase):
-    """A stored edit on a sync :class:`~sith_client.Client`."""
-
-    _client: Client
-
-    def refresh(self) -> Edit:
-        self._update(self._client._get_edit_proto(self.name))
-        return self
-
-    def wait(self, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> Edit:
-        """Block until the edit is planned and ready; raises :class:`JobFailed` if planning failed."""
-        if self.state == "pending" and self.operation:
-            job = Job(self._client, self._client._get_operation(self.operation), dict)
-            try:
-                job.wait(timeout=timeout, progress=progress)
-            except JobFailed:
-                pass  # the edit record carries the authoritative error; read it below
-        self.refresh()
-        self._check()
-        return self
-
-    def download(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
-        """Stream the edited open_clip checkpoint to ``path`` (verified, atomic); returns the path."""
-        return self._client.download(self, path, overwrite=overwrite)
-
-    def delete(self) -> None:
-        self._client.delete_edit(self.name)
-
-
-class AsyncEdit(_EditBase):
-    """A stored edit on an :class:`~sith_client.AsyncClient`."""
-
-    _client: AsyncClient
-
-    async def refresh(self) -> AsyncEdit:
-        self._update(await self._client._get_edit_proto(self.name))
-        return self
-
-    async def wait(self, *, timeout: float | None = None, progress: _progress.ProgressArg = False) -> AsyncEdit:
-        if self.state == "pending" and self.operation:
-            job = AsyncJob(self._client, await self._client._get_operation(self.operation), dict)
-            try:
-                await job.wait(timeout=timeout, progress=progress)
-            except JobFailed:
-                pass
-        await self.refresh()
-        self._check()
-        return self
-
-    async def download(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
-        return await self._client.download(self, path, overwrite=overwrite)
-
-    async def delete(self) -> None:
-        await self._client.delete_edit(self.name)
+        ops = ", ".join(f"{pb.EditOperation.Action.Name(o.action).lower()} {'/'.join(o.concepts)}"
+                        for o in self.spec.operations)
+        return f"<Edit {self.name} {self.state} [{ops}]>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent import futures
@@ -12,30 +13,35 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
+from sith_server import images
 from sith_server.auth import AuthInterceptor, read_tokens
 from sith_server.config import ServerConfig
 from sith_server.deps import Deps
-from sith_server.edit_store import EditStore
 from sith_server.errors import ErrorInterceptor
 from sith_server.health import SERVICES, HealthMonitor
+from sith_server.interceptors import CallGuard, Gate
 from sith_server.metrics import Metrics, MetricsInterceptor, redis_stats
-from sith_server.runtime import ModelRuntime
+from sith_server.runtime import ModelRuntime, configure_text_limits
 from sith_server.servicers import adaptation
 from sith_server.servicers.analysis import AnalysisServicer
+from sith_server.servicers import edits as edits_servicer
 from sith_server.servicers.edits import EditsServicer
 from sith_server.servicers.embeddings import EmbeddingsServicer
 from sith_server.servicers.models import ModelsServicer
 from sith_server.servicers.operations import OperationsServicer
 from sith_server.vocabulary import Vocabulary
 from sith_server.vocabulary import from_setting as vocabulary_from_setting
-from sith_workers.connection import connect
-from sith_workers.editstore import EditStore as FinishedEdits
-from sith_workers.queue import JobQueue
+from sith_workers.connection import connect_api
+from sith_workers.edits import EditStore
+from sith_workers.gc import Collector
+from sith_workers.queue import JobQueue, QueueLimits
 
 log = logging.getLogger(__name__)
-# Above the longest blocking Redis read the server issues (XREAD BLOCK of about a second).
-REDIS_SOCKET_TIMEOUT_S = 5.0
+# A request may carry a batch of encoded images (32 photos of ~1 MB each); replies stay under 4 MB
+# except DownloadEdit chunks, which a client sizes with chunk_bytes (up to 16 MiB).
+MAX_RECEIVE_BYTES = 32 * 2**20
+MAX_SEND_BYTES = 17 * 2**20
 
 
 class SithServer:
@@ -49,13 +55,15 @@ class SithServer:
         self.health = health
         self.port = port
         self.metrics_port: int | None = None
+        self.gc = Collector(deps.edits, config.data_dir, config.limits.edit_ttl_s, config.limits.gc_interval_s)
         self._stopped = threading.Event()
 
     def start(self) -> SithServer:
         self.server.start()
         self.health.start()
+        self.gc.start()
         if self.config.metrics_port:
-            self.metrics_port = self.deps.metrics.serve(self.config.metrics_port)
+            self.metrics_port = self.deps.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
         log.info("sith gRPC server on port %d%s", self.port,
                  f", metrics on :{self.metrics_port}" if self.metrics_port else "")
         return self
@@ -70,6 +78,7 @@ class SithServer:
         self._stopped.set()
         self.deps.stopping.set()
         self.health.shutdown()
+        self.gc.stop()
         self.server.stop(grace).wait()
         self.deps.metrics.stop_serving()
 
@@ -78,29 +87,43 @@ class SithServer:
 
 
 def build(config: ServerConfig, *, redis_client: redis.Redis | None = None, runtime: ModelRuntime | None = None,
-          vocabulary: Vocabulary | None = None, prefix: str = "sith", max_workers: int = 64) -> SithServer:
+          vocabulary: Vocabulary | None = None, prefix: str = "sith", max_workers: int | None = None) -> SithServer:
     """Wire a server for ``config``; pass ``runtime``/``redis_client`` to share ones already built."""
     if redis_client is None:
         if config.redis_url is None:
             raise ValueError("build() needs config.redis_url or a redis_client (sith serve starts an embedded one)")
-        redis_client = connect(config.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+        redis_client = connect_api(config.redis_url)   # a hung Redis fails calls in < 1 s
+    if max_workers is not None:          # tests size the pool directly; the gate keeps the reserve
+        reserved = max(1, min(config.limits.reserved_threads, max_workers // 8))
+        config = dataclasses.replace(config, limits=dataclasses.replace(
+            config.limits, grpc_threads=max_workers, reserved_threads=reserved,
+            max_streams=min(config.limits.max_streams, max_workers - reserved)))
+    max_workers = config.limits.grpc_threads
+    images.configure(config.limits)
+    configure_text_limits(config.limits.text_max_chars, config.limits.tokenizer_cache_entries)
     metrics = Metrics()
     metrics.add_redis_collector(lambda: redis_stats(redis_client, prefix))
     if runtime is None:
         runtime = ModelRuntime(config.device, on_load=lambda kind, s: _count_load(metrics, kind, s))
         runtime.preload(config.models)
-    deps = Deps(config=config, redis=redis_client, runtime=runtime, queue=JobQueue(redis_client, prefix),
-                edits=EditStore(redis_client, prefix), finished_edits=FinishedEdits(redis_client, prefix),
-                vocabulary=vocabulary or vocabulary_from_setting(config.vocabulary), metrics=metrics)
+    queue = JobQueue(redis_client, prefix, limits=queue_limits(config))
+    deps = Deps(config=config, redis=redis_client, runtime=runtime, queue=queue,
+                edits=EditStore(redis_client, prefix),
+                vocabulary=vocabulary or vocabulary_from_setting(config.vocabulary, _vocabulary_model(config)),
+                metrics=metrics)
     tokens = None if config.auth_disabled else read_tokens(_required(config.auth_tokens_file))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sith-grpc"),
-        interceptors=[MetricsInterceptor(metrics), AuthInterceptor(tokens), ErrorInterceptor()],
+        # Gate first (keeps reserved threads free for probes), metrics only after auth, CallGuard innermost.
+        interceptors=[Gate.from_limits(config.limits, metrics.reject), AuthInterceptor(tokens, metrics.reject),
+                      MetricsInterceptor(metrics), ErrorInterceptor(), CallGuard(config.limits, metrics.reject)],
+        options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                 ("grpc.max_send_message_length", MAX_SEND_BYTES)],
     )
     edits = EditsServicer(deps)
     pb_grpc.add_ModelsServicer_to_server(ModelsServicer(deps), server)
     pb_grpc.add_AnalysisServicer_to_server(AnalysisServicer(deps), server)
-    pb_grpc.add_EditsServicer_to_server(edits, server)
+    edits_servicer.add_to_server(edits, server)   # DownloadEdit streams pre-encoded chunks
     pb_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(deps, edits), server)
     pb_grpc.add_OperationsServicer_to_server(OperationsServicer(deps, max_watchers=max_workers // 2), server)
     adaptation.add_to_server(server, deps)
@@ -110,6 +133,15 @@ def build(config: ServerConfig, *, redis_client: redis.Redis | None = None, runt
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     port = _bind(server, config)
     return SithServer(config, deps, server, health, port)
+
+
+def queue_limits(config: ServerConfig) -> QueueLimits:
+    """The job quotas of ``config`` (workers read the same variables through QueueLimits.from_env)."""
+    limits = config.limits
+    return QueueLimits(max_queued_jobs=limits.max_queued_jobs_per_tenant,
+                       max_running_jobs=limits.max_running_jobs_per_tenant, max_edits=limits.max_edits_per_tenant,
+                       max_artifact_bytes=limits.max_artifact_bytes_per_tenant,
+                       job_time_limit_s=limits.job_time_limit_s, job_time_limits_s=limits.job_time_limits_s)
 
 
 def _required(path: Path | None) -> Path:
@@ -133,3 +165,11 @@ def _bind(server: grpc.Server, config: ServerConfig) -> int:
         raise OSError(f"cannot listen on {config.grpc_address}")
     return port
 
+
+def _vocabulary_model(config: ServerConfig) -> str | None:
+    """The served model whose words names are checked against ("auto": the one model-aware rule).
+
+    The server holds one vocabulary; with several models, the first one decides (set SITH_VOCABULARY
+    explicitly for a mixed deployment). None = the embedded testbed model.
+    """
+    return config.models[0] if config.models else None

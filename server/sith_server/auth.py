@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -53,11 +53,14 @@ def _bearer(metadata) -> str | None:
 class AuthInterceptor(grpc.ServerInterceptor):
     """UNAUTHENTICATED without a known bearer token; otherwise runs the call as its tenant.
 
-    With ``tokens=None`` (auth disabled) every call runs as the default tenant.
+    With ``tokens=None`` (auth disabled) every call runs as the default tenant. Rejections are
+    reported to ``on_reject`` (a label-free counter: unauthenticated callers must not be able to
+    create metric series by choosing method names).
     """
 
-    def __init__(self, tokens: Mapping[str, str] | None) -> None:
+    def __init__(self, tokens: Mapping[str, str] | None, on_reject: Callable[[str], None] | None = None) -> None:
         self._tokens = dict(tokens) if tokens is not None else None
+        self._on_reject = on_reject or (lambda reason: None)
 
     def _lookup(self, token: str) -> str | None:
         # Compare every token in constant time so timing does not leak which prefix matched.
@@ -75,10 +78,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         token = _bearer(handler_call_details.invocation_metadata)
         if token is None:
+            self._on_reject("unauthenticated")
             return rejecting(handler, grpc.StatusCode.UNAUTHENTICATED,
                              "missing 'authorization: Bearer <token>' metadata")
         tenant = self._lookup(token)
         if tenant is None:
+            self._on_reject("unauthenticated")
             return rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
         return self._as(handler, tenant)
 

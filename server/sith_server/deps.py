@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 import redis
 
 from sith_server.config import ServerConfig
-from sith_server.edit_store import EditStore
 from sith_server.metrics import Metrics
 from sith_server.runtime import ModelRuntime
 from sith_server.vocabulary import Vocabulary
-from sith_workers.editstore import EditStore as FinishedEdits
+from sith_workers.edits import EditStore
 from sith_workers.queue import JobQueue
 
 
@@ -22,8 +21,7 @@ class Deps:
     redis: redis.Redis
     runtime: ModelRuntime
     queue: JobQueue
-    edits: EditStore                  # edit requests (pending/failed/ready)
-    finished_edits: FinishedEdits     # multipliers + manifest written by the edit job
+    edits: EditStore                  # the one record per edit (server creates, worker finishes)
     vocabulary: Vocabulary
     metrics: Metrics
     stopping: threading.Event = field(default_factory=threading.Event)

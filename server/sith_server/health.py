@@ -13,7 +13,7 @@ import threading
 import redis
 from grpc_health.v1 import health, health_pb2
 
-from sith_client.v1 import adaptation_pb2, sith_pb2
+from sith_api.v1 import adaptation_pb2, sith_pb2
 
 log = logging.getLogger(__name__)
 SERVICES = tuple(service.full_name for module in (sith_pb2, adaptation_pb2)

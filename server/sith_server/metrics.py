@@ -39,6 +39,9 @@ class Metrics:
                                    ["kind"], registry=self.registry)
         self.model_load_seconds = Histogram("sith_model_load_duration_seconds", "model load time by kind",
                                             ["kind"], buckets=JOB_BUCKETS, registry=self.registry)
+        self.rejections = Counter("sith_grpc_rejected", "calls turned away before reaching a servicer, by reason "
+                                  "(unauthenticated, busy, streams, streams_per_tenant)", ["reason"],
+                                  registry=self.registry)
         self._observed_jobs: set[str] = set()
         self._http = None
 
@@ -55,9 +58,14 @@ class Metrics:
         """Export queue/worker/cache state from ``stats()`` (read from Redis at scrape time)."""
         self.registry.register(_RedisCollector(stats))
 
-    def serve(self, port: int) -> int:
-        """Start the /metrics HTTP endpoint; return the bound port (0 = pick one)."""
-        self._http, _thread = start_http_server(port, registry=self.registry)
+    def reject(self, reason: str) -> None:
+        """Count a rejected call (reasons are a fixed set chosen by the server, never by the caller)."""
+        self.rejections.labels(reason).inc()
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the /metrics HTTP endpoint on ``host`` (the gRPC host by default: never wider than the
+        API); return the bound port (0 = pick one)."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
         return self._http.server_port
 
     def stop_serving(self) -> None:
@@ -86,7 +94,8 @@ def redis_stats(client, prefix: str = "sith") -> dict:
     pipe = client.pipeline(transaction=False)
     pipe.xlen(stream)
     pipe.hgetall(f"{prefix}:cache-stats")
-    depth, cache = pipe.execute()
+    pipe.xlen(f"{prefix}:dead")
+    depth, cache, dead = pipe.execute()
     try:
         consumers = client.xinfo_consumers(stream, GROUP)
     except redis.ResponseError:       # no stream or group yet: nobody ever consumed
@@ -97,7 +106,7 @@ def redis_stats(client, prefix: str = "sith") -> dict:
     busy = sum(1 for name in live if pending.get(name, 0) > 0)
     return {"queued": max(int(depth) - running, 0), "running": running, "workers_busy": busy,
             "workers_idle": len(live) - busy, "cache_hit": int(cache.get(b"hits", 0)),
-            "cache_miss": int(cache.get(b"misses", 0))}
+            "cache_miss": int(cache.get(b"misses", 0)), "dead_letters": int(dead)}
 
 
 def _text(value: bytes | str) -> str:
@@ -129,10 +138,22 @@ class _RedisCollector:
             if f"cache_{result}" in stats:
                 cache.add_metric([result], stats[f"cache_{result}"])
         yield cache
+        if "dead_letters" in stats:
+            dead = GaugeMetricFamily("sith_dead_letters", "jobs in the dead-letter stream (exhausted their attempts)")
+            dead.add_metric([], stats["dead_letters"])
+            yield dead
+
+
+UNKNOWN_METHOD = "unknown"
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts calls by method and final code and times them (streams: until the stream ends)."""
+    """Counts calls by method and final code and times them (streams: until the stream ends).
+
+    Place it after auth: only authenticated calls reach it (auth counts its rejections without a
+    method label). A method no servicer implements is counted as ``method="unknown"``, so callers
+    cannot create series by inventing method names.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
@@ -148,6 +169,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return self._unknown()
 
         def around(call, request, context):
             start, failed = time.perf_counter(), True
@@ -169,4 +193,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             finally:
                 self._record(method, context, start, failed, cancelled)
 
-        return wrap(continuation(handler_call_details), around, around_stream)
+        return wrap(handler, around, around_stream)
+
+    def _unknown(self) -> grpc.RpcMethodHandler:
+        """UNIMPLEMENTED, counted once under one label when it runs (i.e. after auth admitted it)."""
+        def unimplemented(_request, context):
+            self._m.requests.labels(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+
+        return grpc.unary_unary_rpc_method_handler(unimplemented)

@@ -1,14 +1,19 @@
-"""Request checks done before anything is queued; each failure names the proto field path."""
+"""Request checks done before anything is queued; each failure names the proto field path.
+
+Limits that depend only on the request (ranges, counts, lengths) are declared in the proto and
+checked by :func:`bounded` (``sith_api.bounds``, the same check the SDK runs); what is here needs
+the model or the vocabulary (layer and head ranges, method names, request ids).
+"""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
 from sith.engine.errors import InvalidInput
 from sith.engine.models import VisionInfo
 from sith.engine.sparse import METHODS
+from sith_api import bounds
 
 
 def indices(values: Sequence[int], size: int, field: str, what: str) -> list[int] | None:
@@ -31,34 +36,24 @@ def heads(info: VisionInfo, values: Sequence[int], field: str = "heads") -> list
     return indices(values, info.heads, field, "head")
 
 
-def in_range(value: int | float, field: str, low: float, high: float) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidInput(field, f"must be a finite number, got {value}")
-    if not low <= value <= high:
-        raise InvalidInput(field, f"must be between {low:g} and {high:g}, got {value:g}")
+def bounded(request):
+    """``request`` if every field is within the bounds the proto declares (else BoundsError)."""
+    return bounds.check(request)
 
 
-def count(items: Sequence, field: str, low: int, high: int) -> None:
-    if not low <= len(items) <= high:
-        if not items:
-            raise InvalidInput(field, f"give at least {low}")
-        raise InvalidInput(field, f"expected {low}..{high} entries, got {len(items)}")
+def value(message, field: str):
+    """The field's value, or the default the proto declares for 0 (unset)."""
+    return bounds.value_or_default(message, field)
 
 
-def text(value: str, field: str, max_len: int = 1000) -> str:
-    if len(value) > max_len:
-        raise InvalidInput(field, f"longer than {max_len} characters")
-    return value
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-def request_id(value: str, field: str = "request_id") -> str:
-    """An optional idempotency key: empty, or 1-128 characters of [A-Za-z0-9._-]."""
-    if value and not REQUEST_ID.fullmatch(value):
-        raise InvalidInput(field, "must be 1-128 characters of A-Z a-z 0-9 . _ -")
-    return value
+def request_id(key: str, field: str = "request_id") -> str:
+    """An optional idempotency key: empty, or characters of [A-Za-z0-9._-] (length: the proto's bound)."""
+    if key and not REQUEST_ID.fullmatch(key):
+        raise InvalidInput(field, "must be characters of A-Z a-z 0-9 . _ - only")
+    return key
 
 
 def method(value: str, field: str = "method") -> str:

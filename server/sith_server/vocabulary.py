@@ -54,15 +54,17 @@ class Vocabulary:
         return out
 
 
-def from_setting(setting: str) -> Vocabulary:
-    """``SITH_VOCABULARY``: the built-in English words, the testbed world's words, or a word-list file.
+def from_setting(setting: str, model=None) -> Vocabulary:
+    """``SITH_VOCABULARY``: the built-in English words, the testbed world's words, or a word-list file;
+    "auto" (or empty) applies the one model-aware rule (``sith.testbed.vocabulary.vocabulary_for``)
+    to ``model`` (a served model reference; None = the embedded testbed model).
 
     Anything but "default" is a custom list that jobs carry, so workers explain over exactly it.
     """
-    from sith.testbed.vocabulary import concepts_for
+    from sith.testbed.vocabulary import vocabulary_for
 
     try:
-        words = concepts_for(setting)  # a file follows the workers' dictionary rules (comments, duplicates)
+        words = vocabulary_for(model, setting)  # a file follows the workers' dictionary rules (comments, duplicates)
     except InvalidInput as exc:
         raise InvalidInput("SITH_VOCABULARY", f"{setting}: {exc.reason}") from None
     return Vocabulary() if words is None else Vocabulary(words)

@@ -8,7 +8,8 @@ Payloads (all keys optional unless marked):
                  permutations=20}
 Models are references as for the other kinds. Both models of a universality job are coded over the
 same concept list (each with its own text tower), which is what makes their profiles comparable.
-Results are the documents of ``sith.adaptation.reports`` (identical to ``sith adapt ... --json``).
+Results are the documents of ``sith.adaptation.reports`` (what ``sith adapt ... --json`` prints) as
+sith.v1 DeltaReport / MatchReport messages (``sith_workers.results``).
 """
 
 from __future__ import annotations
@@ -59,29 +60,31 @@ def _int(payload: dict, key: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def adapt_delta(ctx, payload: dict) -> dict:
+def adapt_delta(ctx, payload: dict):
     from sith.adaptation.reports import delta_report
+    from sith_workers.results import delta_report as typed
 
     base_ref, ft_ref = _required(payload, "base"), _required(payload, "finetuned")
     ctx.step(0.0, "loading models and dictionary")
     base = ctx.models.get(base_ref)
-    options = {"dictionary": _concepts(payload), "image_mean": payload.get("image_mean", "directions")}
+    options = {"dictionary": _concepts(payload), "image_mean": payload.get("image_mean")}
     analyzer = ctx.analyzer({"model": ft_ref, **options})
-    return delta_report(base, analyzer.loaded, analyzer, payload.get("layers"),
+    return typed(delta_report(base, analyzer.loaded, analyzer, payload.get("layers"),
                         directions=_int(payload, "directions", 3, 0, 64), top=_int(payload, "top", 8, 1, 1000),
-                        k=_int(payload, "k", 5, 1, 50), coherence=payload.get("coherence", 0.3), step=ctx.step)
+                        k=_int(payload, "k", 5, 1, 50), coherence=payload.get("coherence", 0.3), step=ctx.step))
 
 
-def universality(ctx, payload: dict) -> dict:
+def universality(ctx, payload: dict):
     from sith.adaptation.reports import match_report
+    from sith_workers.results import match_report as typed
 
     ref_a, ref_b = _required(payload, "model_a"), _required(payload, "model_b")
     ctx.step(0.0, "loading models and dictionaries")
-    options = {"dictionary": _concepts(payload), "image_mean": payload.get("image_mean", "directions")}
+    options = {"dictionary": _concepts(payload), "image_mean": payload.get("image_mean")}
     analyzer_a = ctx.analyzer({"model": ref_a, **options})
     analyzer_b = ctx.analyzer({"model": ref_b, **options})
     result, _ = match_report(analyzer_a, analyzer_b, payload.get("layers_a"), payload.get("layers_b"),
                              _categories(payload), k=_int(payload, "k", 5, 1, 50),
                              coherence=payload.get("coherence", 0.3),
                              permutations=_int(payload, "permutations", 20, 1, 1000), step=ctx.step)
-    return result
+    return typed(result)

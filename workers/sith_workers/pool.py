@@ -24,6 +24,9 @@ log = logging.getLogger("sith.worker")
 def run_worker(settings: WorkerSettings) -> None:
     """Process entry point: stop gracefully on SIGTERM/SIGINT (the running job is requeued)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s")
+    from sith.engine.threads import configure_threads  # spawned children skip the CLI's thread rule
+
+    configure_threads(processes=settings.pool_size)
     for module in settings.plugins:
         importlib.import_module(module)
     worker = Worker(settings)
@@ -36,7 +39,8 @@ def run_worker(settings: WorkerSettings) -> None:
 class WorkerPool:
     def __init__(self, settings: WorkerSettings, devices: list[str], concurrency: int = 1,
                  restart_delay_s: float = 1.0) -> None:
-        self.slots = [replace(settings, device=d) for d in devices for _ in range(concurrency)]
+        size = len(devices) * concurrency
+        self.slots = [replace(settings, device=d, pool_size=size) for d in devices for _ in range(concurrency)]
         self.restart_delay_s = restart_delay_s
         self.processes: list[BaseProcess | None] = [None] * len(self.slots)
         self._ctx = multiprocessing.get_context("spawn")

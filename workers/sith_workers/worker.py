@@ -16,18 +16,21 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
 
 from sith.engine.errors import InvalidInput
 from sith_workers import metrics
 from sith_workers.cache import DEFAULT_TTL_S, RedisArtifactCache
 from sith_workers.connection import RedisUnavailable, connect
-from sith_workers.editstore import EditStore
-from sith_workers.handlers import (HANDLERS, JobCancelled, JobContext, JobLost, Unimplemented,
-                                   WorkerStopping)
+from sith_workers.edits import EditStore
+from sith_workers.errors import job_status
+from sith_workers.handlers import HANDLERS, EditGone, JobCancelled, JobContext, JobLost, WorkerStopping
 from sith_workers.models import LRU, ModelNotFound, ModelPool, ModelRegistry
-from sith_workers.queue import Delivery, JobQueue, JobRecord, encode_error
+from sith_workers.queue import Delivery, JobQueue, JobRecord, JobTimedOut, QuotaExceeded, encode_error
 
 log = logging.getLogger("sith.worker")
 ANNOUNCE_EVERY_S = 5.0
@@ -45,11 +48,25 @@ class WorkerSettings:
     block_ms: int = 1000
     model_capacity: int = 3
     plugins: tuple[str, ...] = field(default_factory=tuple)
+    pool_size: int = 1               # torch processes started together: they share the idle cores
+    # Exported edit checkpoints go under data_dir/edits (shared with the server, which streams them).
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("SITH_DATA_DIR") or "~/.cache/sith").expanduser())
 
     @classmethod
     def from_env(cls, redis_url: str, **overrides) -> WorkerSettings:
         ttl = int(os.environ.get("SITH_CACHE_TTL_S", "") or DEFAULT_TTL_S)
         return cls(redis_url=redis_url, cache_ttl_s=ttl, **overrides)
+
+
+def stored_result(result: Message | dict) -> dict:
+    """The JSON form a result is kept in on the job record: a message as its google.protobuf.Any
+    (canonical JSON, with "@type"), a plain dict as is (served as a google.protobuf.Struct)."""
+    if isinstance(result, Message):
+        packed = any_pb2.Any()
+        packed.Pack(result)
+        return json_format.MessageToDict(packed, preserving_proto_field_name=True)
+    json.dumps(result)          # TypeError/ValueError if it is not JSON
+    return result
 
 
 def consumer_name(device: str) -> str:
@@ -120,6 +137,7 @@ class Worker:
         self.processed += 1
         record = self.queue.start(delivery.job_id, self.consumer, self.settings.max_attempts)
         if record is None:                    # finished, cancelled, unknown, or given up
+            self._settle_edit(self.queue.get(delivery.job_id))
             self.queue.ack(delivery)
             return
         handler = HANDLERS.get(record.kind)
@@ -128,7 +146,8 @@ class Worker:
                 "unimplemented", f"unknown job kind {record.kind!r}; known: {sorted(HANDLERS)}"))
             return
         ctx = JobContext(job=record, queue=self.queue, cache=self.cache, models=self.models, edits=self.edits,
-                         device=self.settings.device, analyzers=self.analyzers, stopping=self.stopping)
+                         device=self.settings.device, data_dir=self.settings.data_dir, analyzers=self.analyzers,
+                         stopping=self.stopping)
         done = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(delivery, ctx, done), daemon=True)
         heartbeat.start()
@@ -136,10 +155,12 @@ class Worker:
         log.info("job %s (%s) attempt %d", record.id, record.kind, record.attempts)
         try:
             result = handler(ctx, record.payload)
-        except JobCancelled:
+        except (JobCancelled, EditGone):
             self._finish(record, delivery, "cancelled")
         except JobLost:
             log.warning("job %s was reclaimed or finished by another worker; dropping this run", record.id)
+        except JobTimedOut as exc:            # its kind's time limit (issue 15)
+            self._finish(record, delivery, "failed", error=encode_error("deadline_exceeded", str(exc)))
         except WorkerStopping:
             self.queue.requeue(delivery, record)
         except ModelNotFound as exc:
@@ -147,8 +168,9 @@ class Worker:
         except InvalidInput as exc:
             self._finish(record, delivery, "failed",
                          error=encode_error("invalid_argument", exc.reason, exc.field, exc.suggestions))
-        except Unimplemented as exc:
-            self._finish(record, delivery, "failed", error=encode_error("unimplemented", str(exc)))
+        except QuotaExceeded as exc:          # e.g. the tenant's artifact bytes (issue 15)
+            self._finish(record, delivery, "failed", error={
+                **encode_error("resource_exhausted", str(exc), exc.resource), "limit": exc.limit})
         except RedisUnavailable:
             raise                             # not acked: the job runs again once Redis is back
         except Exception as exc:              # a bug or an engine failure: report it on the job
@@ -156,12 +178,12 @@ class Worker:
             self._finish(record, delivery, "failed", error=encode_error("internal", f"{type(exc).__name__}: {exc}"))
         else:
             try:
-                json.dumps(result)
+                stored = stored_result(result)
             except (TypeError, ValueError) as exc:
                 self._finish(record, delivery, "failed", error=encode_error(
-                    "internal", f"handler {record.kind!r} returned a result that is not JSON: {exc}"))
+                    "internal", f"handler {record.kind!r} returned neither a message nor JSON: {exc}"))
             else:
-                self._finish(record, delivery, "succeeded", result=result)
+                self._finish(record, delivery, "succeeded", result=stored)
         finally:
             done.set()
             heartbeat.join()
@@ -170,10 +192,22 @@ class Worker:
 
     def _finish(self, record: JobRecord, delivery: Delivery, state: str, *, result: dict | None = None,
                 error: dict | None = None) -> None:
+        # the edit's record first (a crash here re-runs the job); not for a failure the queue retries
+        if state != "succeeded" and not self.queue.will_retry(record, state, error):
+            record.error = error
+            self._settle_edit(record, state)
         self.queue.finish(record, state, result=result, error=error)  # type: ignore[arg-type]
         self.queue.ack(delivery)
         metrics.JOBS.labels(kind=record.kind, state=state).inc()
         log.info("job %s %s", record.id, state)
+
+    def _settle_edit(self, record: JobRecord | None, state: str | None = None) -> None:
+        """A failed, cancelled or abandoned edit job leaves its edit FAILED with the job's status."""
+        if record is None or record.kind != "edit" or not record.payload.get("edit_id"):
+            return
+        state = state or record.state
+        if state in ("failed", "cancelled"):
+            self.edits.settle(record.tenant, record.payload["edit_id"], state, job_status(record.error, state))
 
     def _heartbeat(self, delivery: Delivery, ctx: JobContext, done: threading.Event) -> None:
         """Extend the lease until the job ends; flag the context if another worker took it."""

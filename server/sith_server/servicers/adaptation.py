@@ -5,25 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 
-import grpc
-
 from sith.engine.errors import InvalidInput
-from sith.engine.sparse import DEFAULT_K
-from sith_client.v1 import adaptation_pb2 as pb
-from sith_client.v1 import adaptation_pb2_grpc as pb_grpc
+from sith_api.v1 import adaptation_pb2 as pb
+from sith_api.v1 import adaptation_pb2_grpc as pb_grpc
 from sith_server import convert, validate
 from sith_server.auth import current_tenant
 from sith_server.deps import Deps
 from sith_server.servicers.analysis import worker_ref
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Adaptation"].full_name
-
 
 def _common(request, payload: dict, deps: Deps) -> dict:
-    payload["k"] = request.k or DEFAULT_K
-    validate.in_range(payload["k"], "k", 1, 50)
+    payload["k"] = int(validate.value(request, "k"))
     if request.HasField("coherence"):
-        validate.in_range(request.coherence, "coherence", 0.0, 1.0)
         payload["coherence"] = request.coherence
     if request.vocabulary == pb.VOCABULARY_TESTBED:
         payload["vocabulary"] = "testbed"
@@ -43,25 +36,24 @@ class AdaptationServicer(pb_grpc.AdaptationServicer):
         return convert.operation(record)
 
     def AnalyzeDelta(self, request, context):
-        base = self.deps.runtime.get(validate.text(request.base, "base"), "base")
+        base = self.deps.runtime.get(request.base, "base")
         if not request.finetuned:
             raise InvalidInput("finetuned", "required")
-        ft = self.deps.runtime.get(validate.text(request.finetuned, "finetuned"), "finetuned")
+        ft = self.deps.runtime.get(request.finetuned, "finetuned")
         if base.loaded.info != ft.loaded.info:
             raise InvalidInput("finetuned", f"architecture differs from the base model: "
                                f"{ft.loaded.info} vs {base.loaded.info}")
         payload = {"base": worker_ref(base), "finetuned": worker_ref(ft),
                    "layers": validate.layers(base.loaded.info, request.layers),
-                   "directions": request.directions or 3, "top": request.top or 8}
-        validate.in_range(payload["directions"], "directions", 0, 16)
-        validate.in_range(payload["top"], "top", 1, 256)
+                   "directions": int(validate.value(request, "directions")),
+                   "top": int(validate.value(request, "top"))}
         payload = _common(request, payload, self.deps)
         return self._submit("adapt_delta", f"{base.loaded.name} -> {ft.loaded.name}",
                             f"{base.loaded.hash[:12]}:{ft.loaded.hash[:12]}", payload)
 
     def MatchHeads(self, request, context):
-        a = self.deps.runtime.get(validate.text(request.model_a, "model_a"), "model_a")
-        b = self.deps.runtime.get(validate.text(request.model_b, "model_b"), "model_b")
+        a = self.deps.runtime.get(request.model_a, "model_a")
+        b = self.deps.runtime.get(request.model_b, "model_b")
         payload = {"model_a": worker_ref(a), "model_b": worker_ref(b),
                    "layers_a": validate.layers(a.loaded.info, request.layers_a, "layers_a"),
                    "layers_b": validate.layers(b.loaded.info, request.layers_b, "layers_b")}
@@ -72,7 +64,5 @@ class AdaptationServicer(pb_grpc.AdaptationServicer):
                             f"{a.loaded.hash[:12]}:{b.loaded.hash[:12]}", payload)
 
 
-def add_to_server(server: grpc.Server, deps: Deps) -> str:
-    """Register the servicer; returns the service's full name (for health and reflection lists)."""
+def add_to_server(server, deps: Deps) -> None:
     pb_grpc.add_AdaptationServicer_to_server(AdaptationServicer(deps), server)
-    return SERVICE

@@ -1,18 +1,19 @@
-"""sith.v1.Analysis: validate, then queue the engine work for the workers (Operations track it)."""
+"""sith.v1.Analysis: validate, then queue the engine work for the workers (Operations track it).
+
+Request bounds (k, top, counts, lengths) were checked against the proto by the error interceptor;
+what is checked here needs the model (layer and head ranges) or the vocabulary (concept names).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-from sith.engine.sparse import DEFAULT_K
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 from sith_server import convert, validate
 from sith_server.auth import current_tenant
 from sith_server.deps import Deps
 from sith_server.runtime import ServedModel
-
-DEFAULT_TOP = 20
 
 
 def worker_ref(served: ServedModel) -> str:
@@ -35,31 +36,21 @@ class AnalysisServicer(pb_grpc.AnalysisServicer):
         return convert.operation(record)
 
     def Decompose(self, request, context):
-        served = self.deps.runtime.get(validate.text(request.model, "model"))
-        layers = validate.layers(served.loaded.info, request.layers)
-        return self._submit("decompose", served, {"layers": layers})
+        served = self.deps.runtime.get(request.model)
+        return self._submit("decompose", served, {"layers": validate.layers(served.loaded.info, request.layers)})
 
     def ExplainHeads(self, request, context):
-        served = self.deps.runtime.get(validate.text(request.model, "model"))
+        served = self.deps.runtime.get(request.model)
         info = served.loaded.info
-        payload = {
-            "layers": validate.layers(info, request.layers),
-            "heads": validate.heads(info, request.heads),
-            "method": validate.method(request.method),
-            "k": request.k or DEFAULT_K,
-        }
-        validate.in_range(payload["k"], "k", 1, 50)
+        payload = {"layers": validate.layers(info, request.layers), "heads": validate.heads(info, request.heads),
+                   "method": validate.method(request.method), "k": int(validate.value(request, "k"))}
         if request.HasField("coherence"):
-            validate.in_range(request.coherence, "coherence", 0.0, 1.0)
             payload["coherence"] = request.coherence
         return self._submit("explain", served, payload)
 
     def FindConcept(self, request, context):
-        served = self.deps.runtime.get(validate.text(request.model, "model"))
-        validate.count(request.concepts, "concepts", 1, 16)
-        concepts = self.deps.vocabulary.check([validate.text(c, f"concepts[{i}]", 200)
-                                               for i, c in enumerate(request.concepts)], "concepts")
-        top = request.top or DEFAULT_TOP
-        validate.in_range(top, "top", 1, 500)
-        payload = {"concepts": concepts, "layers": validate.layers(served.loaded.info, request.layers), "top": top}
+        served = self.deps.runtime.get(request.model)
+        concepts = self.deps.vocabulary.check(list(request.concepts), "concepts")
+        payload = {"concepts": concepts, "layers": validate.layers(served.loaded.info, request.layers),
+                   "top": int(validate.value(request, "top"))}
         return self._submit("find", served, payload)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from sith_client.v1 import sith_pb2 as pb
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2 as pb
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 from sith_server.deps import Deps
 from sith_server.runtime import ServedModel
-from sith_server.validate import text
 
 
 def model_proto(served: ServedModel) -> pb.Model:
@@ -24,4 +23,4 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         return pb.ListModelsResponse(models=[model_proto(m) for m in self.deps.runtime.models])
 
     def GetModel(self, request, context):
-        return model_proto(self.deps.runtime.get(text(request.model, "model"), "model"))
+        return model_proto(self.deps.runtime.get(request.model, "model"))

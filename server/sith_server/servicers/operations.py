@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from sith_client.v1 import sith_pb2_grpc as pb_grpc
+from sith_api.v1 import sith_pb2_grpc as pb_grpc
 from sith_server import convert
 from sith_server.auth import current_tenant
 from sith_server.deps import Deps
@@ -21,10 +21,10 @@ DEADLINE_SLACK_S = 0.5
 
 def job_for_tenant(deps: Deps, name: str, field: str = "name") -> JobRecord:
     """The caller's job by operation name; another tenant's job reads as not found."""
-    job_id = convert.resource_id(name, convert.OPERATION_PREFIX, field)
+    job_id = convert.operation_id(name, field)
     record = deps.queue.get(job_id)
     if record is None or record.tenant != current_tenant():
-        raise NotFound("operation", convert.OPERATION_PREFIX + job_id)
+        raise NotFound("operation", convert.OPERATION_PREFIX + job_id, field=field)
     if record.done:
         deps.metrics.observe_job(record.id, record.kind, record.state, record.updated - record.created)
     return record
@@ -43,9 +43,13 @@ class OperationsServicer(pb_grpc.OperationsServicer):
     def CancelOperation(self, request, context):
         record = job_for_tenant(self.deps, request.name)
         try:
-            return convert.operation(self.deps.queue.cancel(record.id))
+            record = self.deps.queue.cancel(record.id)
         except JobNotFound:
             raise NotFound("operation", convert.OPERATION_PREFIX + record.id) from None
+        if record.kind == "edit" and record.payload.get("edit_id") and record.state == "cancelled":
+            # cancelled before a worker started it: no worker will settle the edit, so do it here
+            self.deps.edits.settle(record.tenant, record.payload["edit_id"], "cancelled", None)
+        return convert.operation(record)
 
     def WatchOperation(self, request, context):
         record = job_for_tenant(self.deps, request.name)

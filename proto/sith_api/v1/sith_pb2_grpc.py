@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from sith_client.v1 import sith_pb2 as sith__client_dot_v1_dot_sith__pb2
+from sith_api.v1 import sith_pb2 as sith_dot_v1_dot_sith__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sith_client/v1/sith_pb2_grpc.py depends on'
+        + ' but the generated code in sith/v1/sith_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,13 +39,13 @@ class ModelsStub:
         """
         self.ListModels = channel.unary_unary(
                 '/sith.v1.Models/ListModels',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.ListModelsResponse.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/sith.v1.Models/GetModel',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Model.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Model.FromString,
                 _registered_method=True)
 
 
@@ -72,13 +72,13 @@ def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.ListModelsRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.ListModelsRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.GetModelRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Model.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.GetModelRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Model.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -109,8 +109,8 @@ class Models:
             request,
             target,
             '/sith.v1.Models/ListModels',
-            sith__client_dot_v1_dot_sith__pb2.ListModelsRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.ListModelsResponse.FromString,
+            sith_dot_v1_dot_sith__pb2.ListModelsRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -136,8 +136,8 @@ class Models:
             request,
             target,
             '/sith.v1.Models/GetModel',
-            sith__client_dot_v1_dot_sith__pb2.GetModelRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Model.FromString,
+            sith_dot_v1_dot_sith__pb2.GetModelRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
@@ -163,18 +163,18 @@ class AnalysisStub:
         """
         self.Decompose = channel.unary_unary(
                 '/sith.v1.Analysis/Decompose',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.DecomposeRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.DecomposeRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
         self.ExplainHeads = channel.unary_unary(
                 '/sith.v1.Analysis/ExplainHeads',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.ExplainHeadsRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.ExplainHeadsRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
         self.FindConcept = channel.unary_unary(
                 '/sith.v1.Analysis/FindConcept',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.FindConceptRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.FindConceptRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
 
 
@@ -185,21 +185,21 @@ class AnalysisServicer:
     """
 
     def Decompose(self, request, context):
-        """Per-head SVD of the chosen layers. Response: {"model", "layers": [{"layer", "singular_values"}]}.
+        """Per-head SVD of the chosen layers. Response: DecomposeResponse.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExplainHeads(self, request, context):
-        """Explain heads' singular vectors as sparse concept mixes. Response: {"heads": [HeadSummary]}.
+        """Explain heads' singular vectors as sparse concept mixes. Response: ExplainHeadsResponse.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FindConcept(self, request, context):
-        """Singular vectors closest to the given concepts. Response: {"hits": [SearchHit]}.
+        """Singular vectors closest to the given concepts. Response: FindConceptResponse.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,18 +210,18 @@ def add_AnalysisServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Decompose': grpc.unary_unary_rpc_method_handler(
                     servicer.Decompose,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.DecomposeRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.DecomposeRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
             'ExplainHeads': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainHeads,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.ExplainHeadsRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.ExplainHeadsRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
             'FindConcept': grpc.unary_unary_rpc_method_handler(
                     servicer.FindConcept,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.FindConceptRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.FindConceptRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -252,8 +252,8 @@ class Analysis:
             request,
             target,
             '/sith.v1.Analysis/Decompose',
-            sith__client_dot_v1_dot_sith__pb2.DecomposeRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.DecomposeRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +279,8 @@ class Analysis:
             request,
             target,
             '/sith.v1.Analysis/ExplainHeads',
-            sith__client_dot_v1_dot_sith__pb2.ExplainHeadsRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.ExplainHeadsRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,8 +306,8 @@ class Analysis:
             request,
             target,
             '/sith.v1.Analysis/FindConcept',
-            sith__client_dot_v1_dot_sith__pb2.FindConceptRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.FindConceptRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -333,33 +333,33 @@ class EditsStub:
         """
         self.PreviewEdit = channel.unary_unary(
                 '/sith.v1.Edits/PreviewEdit',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.PreviewEditRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.PreviewEditRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
         self.CreateEdit = channel.unary_unary(
                 '/sith.v1.Edits/CreateEdit',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.CreateEditRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Edit.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.CreateEditRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Edit.FromString,
                 _registered_method=True)
         self.GetEdit = channel.unary_unary(
                 '/sith.v1.Edits/GetEdit',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.GetEditRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Edit.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.GetEditRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Edit.FromString,
                 _registered_method=True)
         self.ListEdits = channel.unary_unary(
                 '/sith.v1.Edits/ListEdits',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.ListEditsRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.ListEditsResponse.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.ListEditsRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.ListEditsResponse.FromString,
                 _registered_method=True)
         self.DeleteEdit = channel.unary_unary(
                 '/sith.v1.Edits/DeleteEdit',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.DeleteEditRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.DeleteEditResponse.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.DeleteEditRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.DeleteEditResponse.FromString,
                 _registered_method=True)
         self.DownloadEdit = channel.unary_stream(
                 '/sith.v1.Edits/DownloadEdit',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.DownloadEditRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.CheckpointChunk.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.DownloadEditRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
 
 
@@ -370,14 +370,15 @@ class EditsServicer:
     """
 
     def PreviewEdit(self, request, context):
-        """Dry run: which singular vectors an edit would touch. Operation response: the edit plan.
+        """Dry run: which singular vectors an edit would touch. Operation response: EditPlan.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateEdit(self, request, context):
-        """Plan and store an edit. Operation response: the plan; the edit becomes READY when it succeeds.
+        """Plan, apply and export an edit on a worker. The returned Edit is PENDING; its `operation`
+        ends with the READY (or FAILED) Edit as response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -396,14 +397,15 @@ class EditsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteEdit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes the edit, its artifact and its request_id (which may then be used again).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadEdit(self, request, context):
-        """The edited model as an open_clip-layout safetensors checkpoint, in chunks of at most 1 MiB.
-        The first message carries the total size and sha256.
+        """The edited model's exported checkpoint (written once by the worker), as a byte stream.
+        The first message carries the total size, sha256 and file name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -414,33 +416,33 @@ def add_EditsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PreviewEdit': grpc.unary_unary_rpc_method_handler(
                     servicer.PreviewEdit,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.PreviewEditRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.PreviewEditRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
             'CreateEdit': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEdit,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.CreateEditRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Edit.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.CreateEditRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Edit.SerializeToString,
             ),
             'GetEdit': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEdit,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.GetEditRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Edit.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.GetEditRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Edit.SerializeToString,
             ),
             'ListEdits': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEdits,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.ListEditsRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.ListEditsResponse.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.ListEditsRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.ListEditsResponse.SerializeToString,
             ),
             'DeleteEdit': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEdit,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.DeleteEditRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.DeleteEditResponse.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.DeleteEditRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.DeleteEditResponse.SerializeToString,
             ),
             'DownloadEdit': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadEdit,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.DownloadEditRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.CheckpointChunk.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.DownloadEditRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -471,8 +473,8 @@ class Edits:
             request,
             target,
             '/sith.v1.Edits/PreviewEdit',
-            sith__client_dot_v1_dot_sith__pb2.PreviewEditRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.PreviewEditRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -498,8 +500,8 @@ class Edits:
             request,
             target,
             '/sith.v1.Edits/CreateEdit',
-            sith__client_dot_v1_dot_sith__pb2.CreateEditRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Edit.FromString,
+            sith_dot_v1_dot_sith__pb2.CreateEditRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Edit.FromString,
             options,
             channel_credentials,
             insecure,
@@ -525,8 +527,8 @@ class Edits:
             request,
             target,
             '/sith.v1.Edits/GetEdit',
-            sith__client_dot_v1_dot_sith__pb2.GetEditRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Edit.FromString,
+            sith_dot_v1_dot_sith__pb2.GetEditRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Edit.FromString,
             options,
             channel_credentials,
             insecure,
@@ -552,8 +554,8 @@ class Edits:
             request,
             target,
             '/sith.v1.Edits/ListEdits',
-            sith__client_dot_v1_dot_sith__pb2.ListEditsRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.ListEditsResponse.FromString,
+            sith_dot_v1_dot_sith__pb2.ListEditsRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.ListEditsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -579,8 +581,8 @@ class Edits:
             request,
             target,
             '/sith.v1.Edits/DeleteEdit',
-            sith__client_dot_v1_dot_sith__pb2.DeleteEditRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.DeleteEditResponse.FromString,
+            sith_dot_v1_dot_sith__pb2.DeleteEditRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.DeleteEditResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -606,8 +608,8 @@ class Edits:
             request,
             target,
             '/sith.v1.Edits/DownloadEdit',
-            sith__client_dot_v1_dot_sith__pb2.DownloadEditRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.CheckpointChunk.FromString,
+            sith_dot_v1_dot_sith__pb2.DownloadEditRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -633,18 +635,18 @@ class EmbeddingsStub:
         """
         self.EmbedImages = channel.unary_unary(
                 '/sith.v1.Embeddings/EmbedImages',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.EmbedImagesRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.EmbedImagesRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.EmbedTexts = channel.unary_unary(
                 '/sith.v1.Embeddings/EmbedTexts',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.EmbedTextsRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.EmbedTextsRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/sith.v1.Embeddings/Classify',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.ClassifyResponse.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
 
 
@@ -661,7 +663,9 @@ class EmbeddingsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EmbedTexts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Text embeddings of a base model (edits change only the vision tower, so an edit target is
+        INVALID_ARGUMENT).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -677,18 +681,18 @@ def add_EmbeddingsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'EmbedImages': grpc.unary_unary_rpc_method_handler(
                     servicer.EmbedImages,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.EmbedImagesRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.EmbedImagesRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.EmbedResponse.SerializeToString,
             ),
             'EmbedTexts': grpc.unary_unary_rpc_method_handler(
                     servicer.EmbedTexts,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.EmbedTextsRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.EmbedTextsRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.EmbedResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.ClassifyRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.ClassifyRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -719,8 +723,8 @@ class Embeddings:
             request,
             target,
             '/sith.v1.Embeddings/EmbedImages',
-            sith__client_dot_v1_dot_sith__pb2.EmbedImagesRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
+            sith_dot_v1_dot_sith__pb2.EmbedImagesRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -746,8 +750,8 @@ class Embeddings:
             request,
             target,
             '/sith.v1.Embeddings/EmbedTexts',
-            sith__client_dot_v1_dot_sith__pb2.EmbedTextsRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
+            sith_dot_v1_dot_sith__pb2.EmbedTextsRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -773,8 +777,8 @@ class Embeddings:
             request,
             target,
             '/sith.v1.Embeddings/Classify',
-            sith__client_dot_v1_dot_sith__pb2.ClassifyRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.ClassifyResponse.FromString,
+            sith_dot_v1_dot_sith__pb2.ClassifyRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -800,18 +804,18 @@ class OperationsStub:
         """
         self.GetOperation = channel.unary_unary(
                 '/sith.v1.Operations/GetOperation',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.GetOperationRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
         self.CancelOperation = channel.unary_unary(
                 '/sith.v1.Operations/CancelOperation',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.CancelOperationRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.CancelOperationRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
         self.WatchOperation = channel.unary_stream(
                 '/sith.v1.Operations/WatchOperation',
-                request_serializer=sith__client_dot_v1_dot_sith__pb2.WatchOperationRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_sith__pb2.WatchOperationRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
 
 
@@ -847,18 +851,18 @@ def add_OperationsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetOperation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOperation,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.GetOperationRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.GetOperationRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
             'CancelOperation': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelOperation,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.CancelOperationRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.CancelOperationRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
             'WatchOperation': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchOperation,
-                    request_deserializer=sith__client_dot_v1_dot_sith__pb2.WatchOperationRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.WatchOperationRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -889,8 +893,8 @@ class Operations:
             request,
             target,
             '/sith.v1.Operations/GetOperation',
-            sith__client_dot_v1_dot_sith__pb2.GetOperationRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.GetOperationRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -916,8 +920,8 @@ class Operations:
             request,
             target,
             '/sith.v1.Operations/CancelOperation',
-            sith__client_dot_v1_dot_sith__pb2.CancelOperationRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.CancelOperationRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -943,8 +947,8 @@ class Operations:
             request,
             target,
             '/sith.v1.Operations/WatchOperation',
-            sith__client_dot_v1_dot_sith__pb2.WatchOperationRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_sith__pb2.WatchOperationRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

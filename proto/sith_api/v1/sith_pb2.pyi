@@ -1,7 +1,7 @@
 import datetime
 
 from google.protobuf import any_pb2 as _any_pb2
-from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
@@ -12,6 +12,32 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+BOUNDS_FIELD_NUMBER: _ClassVar[int]
+bounds: _descriptor.FieldDescriptor
+
+class Bounds(_message.Message):
+    __slots__ = ("min", "max", "min_items", "max_items", "max_length", "default_value")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MIN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    max: float
+    min_items: int
+    max_items: int
+    max_length: int
+    default_value: float
+    def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ..., min_items: _Optional[int] = ..., max_items: _Optional[int] = ..., max_length: _Optional[int] = ..., default_value: _Optional[float] = ...) -> None: ...
+
+class Suggestions(_message.Message):
+    __slots__ = ("field", "values")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, field: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -37,6 +63,32 @@ class Image(_message.Message):
     encoded: bytes
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[bytes] = ...) -> None: ...
 
+class ModelSummary(_message.Message):
+    __slots__ = ("name", "hash")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hash: str
+    def __init__(self, name: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class Concept(_message.Message):
+    __slots__ = ("name", "score")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    score: float
+    def __init__(self, name: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class VectorRef(_message.Message):
+    __slots__ = ("layer", "head", "index")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    head: int
+    index: int
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
 class Operation(_message.Message):
     __slots__ = ("name", "metadata", "done", "error", "response")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -52,7 +104,7 @@ class Operation(_message.Message):
     def __init__(self, name: _Optional[str] = ..., metadata: _Optional[_Union[OperationMetadata, _Mapping]] = ..., done: _Optional[bool] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., response: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "state", "progress", "message", "create_time", "update_time", "target")
+    __slots__ = ("kind", "state", "progress", "message", "create_time", "update_time", "target", "attempts")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[OperationMetadata.State]
@@ -74,6 +126,7 @@ class OperationMetadata(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     state: OperationMetadata.State
     progress: float
@@ -81,7 +134,8 @@ class OperationMetadata(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     target: str
-    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationMetadata.State, str]] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ...) -> None: ...
+    attempts: int
+    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationMetadata.State, str]] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "hash", "layers", "heads", "width", "head_dim", "output_dim", "image_size", "is_default")
@@ -157,18 +211,118 @@ class FindConceptRequest(_message.Message):
     top: int
     def __init__(self, model: _Optional[str] = ..., concepts: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., top: _Optional[int] = ...) -> None: ...
 
+class LayerSpectrum(_message.Message):
+    __slots__ = ("layer", "heads", "rank", "singular_values")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SINGULAR_VALUES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    heads: int
+    rank: int
+    singular_values: Tensor
+    def __init__(self, layer: _Optional[int] = ..., heads: _Optional[int] = ..., rank: _Optional[int] = ..., singular_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DecomposeResponse(_message.Message):
+    __slots__ = ("model", "convention", "layers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONVENTION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSummary
+    convention: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerSpectrum]
+    def __init__(self, model: _Optional[_Union[ModelSummary, _Mapping]] = ..., convention: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerSpectrum, _Mapping]]] = ...) -> None: ...
+
+class VectorExplanation(_message.Message):
+    __slots__ = ("layer", "head", "index", "sigma", "concepts", "fidelity", "confidence")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    head: int
+    index: int
+    sigma: float
+    concepts: _containers.RepeatedCompositeFieldContainer[Concept]
+    fidelity: float
+    confidence: float
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., index: _Optional[int] = ..., sigma: _Optional[float] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., fidelity: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class HeadExplanation(_message.Message):
+    __slots__ = ("layer", "head", "vectors", "theme")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    THEME_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    head: int
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorExplanation]
+    theme: _containers.RepeatedCompositeFieldContainer[Concept]
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorExplanation, _Mapping]]] = ..., theme: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ...) -> None: ...
+
+class ExplainHeadsResponse(_message.Message):
+    __slots__ = ("model", "heads")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSummary
+    heads: _containers.RepeatedCompositeFieldContainer[HeadExplanation]
+    def __init__(self, model: _Optional[_Union[ModelSummary, _Mapping]] = ..., heads: _Optional[_Iterable[_Union[HeadExplanation, _Mapping]]] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("layer", "head", "index", "score", "sigma", "concepts", "matched", "coefficient", "cosine")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    head: int
+    index: int
+    score: float
+    sigma: float
+    concepts: _containers.RepeatedCompositeFieldContainer[Concept]
+    matched: str
+    coefficient: float
+    cosine: float
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., sigma: _Optional[float] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., matched: _Optional[str] = ..., coefficient: _Optional[float] = ..., cosine: _Optional[float] = ...) -> None: ...
+
+class FindConceptResponse(_message.Message):
+    __slots__ = ("model", "hits")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSummary
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    def __init__(self, model: _Optional[_Union[ModelSummary, _Mapping]] = ..., hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
+
 class EditSpec(_message.Message):
-    __slots__ = ("model", "operations", "version")
+    __slots__ = ("model", "operations", "version", "conflicts")
+    class Conflicts(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CONFLICTS_UNSPECIFIED: _ClassVar[EditSpec.Conflicts]
+        REJECT: _ClassVar[EditSpec.Conflicts]
+        LAST_WINS: _ClassVar[EditSpec.Conflicts]
+    CONFLICTS_UNSPECIFIED: EditSpec.Conflicts
+    REJECT: EditSpec.Conflicts
+    LAST_WINS: EditSpec.Conflicts
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     operations: _containers.RepeatedCompositeFieldContainer[EditOperation]
     version: int
-    def __init__(self, model: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[EditOperation, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    conflicts: EditSpec.Conflicts
+    def __init__(self, model: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[EditOperation, _Mapping]]] = ..., version: _Optional[int] = ..., conflicts: _Optional[_Union[EditSpec.Conflicts, str]] = ...) -> None: ...
 
 class EditOperation(_message.Message):
-    __slots__ = ("concepts", "action", "strength", "layers", "select")
+    __slots__ = ("concepts", "action", "strength", "layers", "select", "operator", "target", "preserve", "preserve_neighbours")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[EditOperation.Action]
@@ -186,12 +340,20 @@ class EditOperation(_message.Message):
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PRESERVE_FIELD_NUMBER: _ClassVar[int]
+    PRESERVE_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     concepts: _containers.RepeatedScalarFieldContainer[str]
     action: EditOperation.Action
     strength: float
     layers: _containers.RepeatedScalarFieldContainer[int]
     select: Selection
-    def __init__(self, concepts: _Optional[_Iterable[str]] = ..., action: _Optional[_Union[EditOperation.Action, str]] = ..., strength: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., select: _Optional[_Union[Selection, _Mapping]] = ...) -> None: ...
+    operator: str
+    target: float
+    preserve: _containers.RepeatedScalarFieldContainer[str]
+    preserve_neighbours: bool
+    def __init__(self, concepts: _Optional[_Iterable[str]] = ..., action: _Optional[_Union[EditOperation.Action, str]] = ..., strength: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., select: _Optional[_Union[Selection, _Mapping]] = ..., operator: _Optional[str] = ..., target: _Optional[float] = ..., preserve: _Optional[_Iterable[str]] = ..., preserve_neighbours: _Optional[bool] = ...) -> None: ...
 
 class Selection(_message.Message):
     __slots__ = ("rule", "n", "threshold", "vectors")
@@ -201,10 +363,12 @@ class Selection(_message.Message):
         TOP_N: _ClassVar[Selection.Rule]
         THRESHOLD: _ClassVar[Selection.Rule]
         EXPLICIT: _ClassVar[Selection.Rule]
+        AUTO: _ClassVar[Selection.Rule]
     RULE_UNSPECIFIED: Selection.Rule
     TOP_N: Selection.Rule
     THRESHOLD: Selection.Rule
     EXPLICIT: Selection.Rule
+    AUTO: Selection.Rule
     RULE_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -215,18 +379,106 @@ class Selection(_message.Message):
     vectors: _containers.RepeatedCompositeFieldContainer[VectorRef]
     def __init__(self, rule: _Optional[_Union[Selection.Rule, str]] = ..., n: _Optional[int] = ..., threshold: _Optional[float] = ..., vectors: _Optional[_Iterable[_Union[VectorRef, _Mapping]]] = ...) -> None: ...
 
-class VectorRef(_message.Message):
-    __slots__ = ("layer", "head", "index")
+class AffectedVector(_message.Message):
+    __slots__ = ("layer", "head", "index", "sigma", "alpha", "relevance", "operation", "concepts", "operator")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
     layer: int
     head: int
     index: int
-    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+    sigma: float
+    alpha: float
+    relevance: float
+    operation: int
+    concepts: _containers.RepeatedCompositeFieldContainer[Concept]
+    operator: str
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., index: _Optional[int] = ..., sigma: _Optional[float] = ..., alpha: _Optional[float] = ..., relevance: _Optional[float] = ..., operation: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., operator: _Optional[str] = ...) -> None: ...
+
+class HeadChange(_message.Message):
+    __slots__ = ("layer", "head", "vectors", "energy_before", "energy_after", "energy_ratio")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    head: int
+    vectors: int
+    energy_before: float
+    energy_after: float
+    energy_ratio: float
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., vectors: _Optional[int] = ..., energy_before: _Optional[float] = ..., energy_after: _Optional[float] = ..., energy_ratio: _Optional[float] = ...) -> None: ...
+
+class ConceptAlignment(_message.Message):
+    __slots__ = ("concept", "operation", "layer", "head", "before", "after")
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    concept: str
+    operation: int
+    layer: int
+    head: int
+    before: float
+    after: float
+    def __init__(self, concept: _Optional[str] = ..., operation: _Optional[int] = ..., layer: _Optional[int] = ..., head: _Optional[int] = ..., before: _Optional[float] = ..., after: _Optional[float] = ...) -> None: ...
+
+class ConceptEffect(_message.Message):
+    __slots__ = ("concept", "role", "before", "after")
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    concept: str
+    role: str
+    before: float
+    after: float
+    def __init__(self, concept: _Optional[str] = ..., role: _Optional[str] = ..., before: _Optional[float] = ..., after: _Optional[float] = ...) -> None: ...
+
+class EditPlan(_message.Message):
+    __slots__ = ("spec", "model", "judge", "affected", "heads", "concept_alignment", "predicted", "warnings", "notes")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    spec: EditSpec
+    model: ModelSummary
+    judge: str
+    affected: _containers.RepeatedCompositeFieldContainer[AffectedVector]
+    heads: _containers.RepeatedCompositeFieldContainer[HeadChange]
+    concept_alignment: _containers.RepeatedCompositeFieldContainer[ConceptAlignment]
+    predicted: _containers.RepeatedCompositeFieldContainer[ConceptEffect]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spec: _Optional[_Union[EditSpec, _Mapping]] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., judge: _Optional[str] = ..., affected: _Optional[_Iterable[_Union[AffectedVector, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadChange, _Mapping]]] = ..., concept_alignment: _Optional[_Iterable[_Union[ConceptAlignment, _Mapping]]] = ..., predicted: _Optional[_Iterable[_Union[ConceptEffect, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("filename", "size_bytes", "sha256")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, filename: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Edit(_message.Message):
-    __slots__ = ("name", "spec", "state", "operation", "base_model_hash", "create_time", "plan", "error")
+    __slots__ = ("name", "spec", "state", "operation", "base_model_hash", "create_time", "update_time", "plan", "plan_omitted", "artifact", "error", "request_id")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Edit.State]
@@ -243,17 +495,25 @@ class Edit(_message.Message):
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLAN_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: EditSpec
     state: Edit.State
     operation: str
     base_model_hash: str
     create_time: _timestamp_pb2.Timestamp
-    plan: _struct_pb2.Struct
+    update_time: _timestamp_pb2.Timestamp
+    plan: EditPlan
+    plan_omitted: bool
+    artifact: Artifact
     error: _status_pb2.Status
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., state: _Optional[_Union[Edit.State, str]] = ..., operation: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., state: _Optional[_Union[Edit.State, str]] = ..., operation: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[EditPlan, _Mapping]] = ..., plan_omitted: _Optional[bool] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PreviewEditRequest(_message.Message):
     __slots__ = ("spec",)
@@ -302,12 +562,14 @@ class DeleteEditResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DownloadEditRequest(_message.Message):
-    __slots__ = ("name", "offset")
+    __slots__ = ("name", "offset", "chunk_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    chunk_bytes: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("data", "offset", "total_bytes", "sha256", "filename")

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from sith_client.v1 import adaptation_pb2 as sith__client_dot_v1_dot_adaptation__pb2
-from sith_client.v1 import sith_pb2 as sith__client_dot_v1_dot_sith__pb2
+from sith_api.v1 import adaptation_pb2 as sith_dot_v1_dot_adaptation__pb2
+from sith_api.v1 import sith_pb2 as sith_dot_v1_dot_sith__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sith_client/v1/adaptation_pb2_grpc.py depends on'
+        + ' but the generated code in sith/v1/adaptation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class AdaptationStub:
         """
         self.AnalyzeDelta = channel.unary_unary(
                 '/sith.v1.Adaptation/AnalyzeDelta',
-                request_serializer=sith__client_dot_v1_dot_adaptation__pb2.AnalyzeDeltaRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_adaptation__pb2.AnalyzeDeltaRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
         self.MatchHeads = channel.unary_unary(
                 '/sith.v1.Adaptation/MatchHeads',
-                request_serializer=sith__client_dot_v1_dot_adaptation__pb2.MatchHeadsRequest.SerializeToString,
-                response_deserializer=sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+                request_serializer=sith_dot_v1_dot_adaptation__pb2.MatchHeadsRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.Operation.FromString,
                 _registered_method=True)
 
 
@@ -53,7 +53,7 @@ class AdaptationServicer:
     def AnalyzeDelta(self, request, context):
         """Per-head SVD of ΔW_VO = W_VO(finetuned) − W_VO(base), its directions explained with COMP in the
         fine-tuned model's joint space, and basis stability (principal angles, matched vectors, σ ratios,
-        diagonal dominance). Response: {"top_heads", "heads", "layers", ...}.
+        diagonal dominance). Response: DeltaReport.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,7 +61,7 @@ class AdaptationServicer:
 
     def MatchHeads(self, request, context):
         """Hungarian matching of heads of two models on their concept profiles over a shared vocabulary.
-        Response: {"matches": [{"a", "b", "score", "mutual", ...}], "mean_score", "null_mean_score", ...}.
+        Response: MatchReport.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,13 +72,13 @@ def add_AdaptationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'AnalyzeDelta': grpc.unary_unary_rpc_method_handler(
                     servicer.AnalyzeDelta,
-                    request_deserializer=sith__client_dot_v1_dot_adaptation__pb2.AnalyzeDeltaRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_adaptation__pb2.AnalyzeDeltaRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
             'MatchHeads': grpc.unary_unary_rpc_method_handler(
                     servicer.MatchHeads,
-                    request_deserializer=sith__client_dot_v1_dot_adaptation__pb2.MatchHeadsRequest.FromString,
-                    response_serializer=sith__client_dot_v1_dot_sith__pb2.Operation.SerializeToString,
+                    request_deserializer=sith_dot_v1_dot_adaptation__pb2.MatchHeadsRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -106,8 +106,8 @@ class Adaptation:
             request,
             target,
             '/sith.v1.Adaptation/AnalyzeDelta',
-            sith__client_dot_v1_dot_adaptation__pb2.AnalyzeDeltaRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_adaptation__pb2.AnalyzeDeltaRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -133,8 +133,8 @@ class Adaptation:
             request,
             target,
             '/sith.v1.Adaptation/MatchHeads',
-            sith__client_dot_v1_dot_adaptation__pb2.MatchHeadsRequest.SerializeToString,
-            sith__client_dot_v1_dot_sith__pb2.Operation.FromString,
+            sith_dot_v1_dot_adaptation__pb2.MatchHeadsRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
