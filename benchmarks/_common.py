@@ -8,9 +8,12 @@ CPU time on the CPU (and from synchronised wall time on a GPU).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -109,3 +112,19 @@ def current_rss_mb() -> float:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
+
+
+class ChildFailed(RuntimeError):
+    """A benchmark child process exited non-zero (the message ends with its stderr)."""
+
+
+def run_child(script: str | os.PathLike, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter and return the JSON object it prints last.
+
+    A fresh process per measurement keeps caches, memos and peak RSS from leaking between runs.
+    """
+    done = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True,
+                          check=False, env=dict(os.environ) if env is None else env)
+    if done.returncode != 0:
+        raise ChildFailed(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

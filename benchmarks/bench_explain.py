@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,18 +89,18 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, folder: Path, data: Path, no_artifacts: bool) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--folder", str(folder),
-               "--concepts", str(args.concepts), "--device", args.device]
+    from _common import ChildFailed
+    from _common import run_child as run_script
+    command = ["--folder", str(folder), "--concepts", str(args.concepts), "--device", args.device]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     if no_artifacts:
         command.append("--no-artifacts")
-    env = dict(os.environ, SITH_DATA_DIR=str(data))
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        result = run_script(Path(__file__).resolve(), command, env=dict(os.environ, SITH_DATA_DIR=str(data)))
+    except ChildFailed as exc:
+        raise SystemExit(str(exc)) from None
     result["process_wall"] = time.perf_counter() - start
     return result
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +62,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.folder, args.device)
         return
-    from _common import machine
+    from _common import ChildFailed, machine, run_child
 
     results = {}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -73,12 +71,10 @@ def main() -> None:
         best: dict[str, dict] = {}
         for _ in range(args.repeats):
             for mode in ("floor", "load"):
-                done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", mode,
-                                       "--folder", str(folder), "--device", args.device],
-                                      capture_output=True, text=True, check=False, env=dict(os.environ))
-                if done.returncode != 0:
-                    raise SystemExit(f"{model} {mode} failed:\n{done.stderr[-2000:]}")
-                r = json.loads(done.stdout.strip().splitlines()[-1])
+                try:
+                    r = run_child(Path(__file__).resolve(), [mode, "--folder", str(folder), "--device", args.device])
+                except ChildFailed as exc:
+                    raise SystemExit(f"{model} {mode}: {exc}") from None
                 if mode not in best or r["cpu"] < best[mode]["cpu"]:
                     best[mode] = r
         results[model] = {"bytes": size, **best}

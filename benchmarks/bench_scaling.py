@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,6 +96,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from _common import ChildFailed, run_child
     from bench_explain import prepare_folder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -118,16 +118,15 @@ def main() -> None:
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         folder = prepare_folder(model, workdir)
         with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-            command = [sys.executable, str(Path(__file__).resolve()), "--child", "--folder", str(folder),
-                       "--scratch", scratch, "--concepts", str(args.concepts), "--device", args.device,
-                       "--threads", str(args.threads)]
+            command = ["--folder", str(folder), "--scratch", scratch, "--concepts", str(args.concepts),
+                       "--device", args.device, "--threads", str(args.threads)]
             start = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True, check=False,
-                                  env=dict(os.environ, SITH_DATA_DIR=scratch))
-        if done.returncode != 0:
-            print(f"{model}: failed ({done.returncode}): {done.stderr[-1500:]}")
-            continue
-        results[model] = json.loads(done.stdout.strip().splitlines()[-1])
+            try:
+                result = run_child(Path(__file__).resolve(), command, env=dict(os.environ, SITH_DATA_DIR=scratch))
+            except ChildFailed as exc:
+                print(f"{model}: {exc}")
+                continue
+        results[model] = result
         results[model]["process_wall"] = time.perf_counter() - start
     if not results:
         raise SystemExit("no model ran")
