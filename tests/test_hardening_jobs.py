@@ -4,7 +4,6 @@ job in <= 2 s on the testbed), against the real Redis and a real worker."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -14,8 +13,7 @@ from sith_workers.edits import EditStore
 from sith_workers.gc import Collector, artifact_bytes, check_artifact_quota, collect
 from sith_workers.handlers import register
 from sith_workers.queue import JobQueue, QuotaExceeded
-from sith_workers.worker import Worker, WorkerSettings
-from workers_fixtures import prefix, shared, wait_done, wait_for  # noqa: F401
+from workers_fixtures import prefix, running_worker, shared, wait_done, wait_for  # noqa: F401
 
 TESTBED = Path(__file__).resolve().parent.parent / "sith" / "testbed" / "checkpoints" / "testbed-main"
 
@@ -99,11 +97,7 @@ def _analyze(ctx, payload):
 
 @pytest.mark.skipif(not (TESTBED / "open_clip_model.safetensors").is_file(), reason="testbed not installed")
 def test_cancelling_a_running_testbed_job_takes_under_two_seconds(shared, prefix):
-    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, block_ms=100), client=shared,
-                    consumer=f"w-{time.monotonic_ns()}")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(shared, prefix, block_ms=100):
         queue = JobQueue(shared, prefix)
         record = queue.submit("test.analyze", {"model": str(TESTBED)}, tenant="t")
         # Cancel while the dictionary (20k concepts, several seconds on this CPU) is being encoded:
@@ -113,9 +107,6 @@ def test_cancelling_a_running_testbed_job_takes_under_two_seconds(shared, prefix
         queue.cancel(record.id)
         final = wait_done(queue, record.id, 30)
         elapsed = time.monotonic() - started
-    finally:
-        worker.stop()
-        thread.join(30)
     assert final.state == "cancelled"
     assert elapsed <= 2.0, f"cancellation took {elapsed:.2f}s"
     print(f"cancel latency {elapsed:.2f}s", os.environ.get("OMP_NUM_THREADS"))
@@ -129,15 +120,8 @@ def _over_quota(ctx, payload):
 
 def test_a_job_over_a_quota_fails_with_resource_exhausted_not_internal(shared, prefix, tmp_path):
     (tmp_path / "a.safetensors").write_bytes(b"z" * 600)
-    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, block_ms=100), client=shared,
-                    consumer=f"w-{time.monotonic_ns()}")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(shared, prefix, block_ms=100):
         queue = JobQueue(shared, prefix)
         final = wait_done(queue, queue.submit("test.over_quota", {"folder": str(tmp_path)}, tenant="t").id, 30)
-    finally:
-        worker.stop()
-        thread.join(10)
     assert final.state == "failed" and final.error["code"] == "resource_exhausted"
     assert final.error["field"] == "artifact_bytes" and final.error["limit"] == 1000

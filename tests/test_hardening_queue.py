@@ -4,16 +4,13 @@ tests/test_workers_queue.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import pytest
 
 import workers_plugin  # noqa: F401  (registers test.* job kinds)
 from sith_workers.handlers import register
 from sith_workers.queue import JobQueue, JobTimedOut, QueueLimits, QuotaExceeded, is_transient
-from sith_workers.worker import Worker, WorkerSettings
-from workers_fixtures import prefix, shared, wait_done  # noqa: F401
+from workers_fixtures import prefix, running_worker, shared, wait_done  # noqa: F401
 
 
 class FakeClock:
@@ -109,18 +106,11 @@ def test_a_job_past_its_time_limit_is_stopped_at_its_next_step(shared, prefix):
 
 def test_a_real_worker_fails_a_job_over_its_time_limit(shared, prefix, tmp_path, monkeypatch):
     monkeypatch.setenv("SITH_JOB_TIME_LIMITS", "test.steps=1")
-    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, block_ms=100), client=shared,
-                    consumer=f"w-{time.monotonic_ns()}")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(shared, prefix, block_ms=100):
         queue = JobQueue(shared, prefix)
         record = queue.submit("test.steps", {"key": "k", "log": str(tmp_path / "log"), "steps": 100,
                                              "step_s": 0.1}, tenant="t")
         final = wait_done(queue, record.id, 30)
-    finally:
-        worker.stop()
-        thread.join(10)
     assert final.state == "failed" and final.error["code"] == "deadline_exceeded", final.error
     assert final.attempts == 1 and final.progress < 0.5                   # stopped, not retried
     assert queue.tenant_usage("t") == {"queued_jobs": 0, "running_jobs": 0}
@@ -181,17 +171,10 @@ def _flaky_oom(ctx, payload):
 
 def test_a_real_worker_retries_a_transient_failure_and_succeeds(shared, prefix, monkeypatch):
     monkeypatch.setattr("sith_workers.queue.RETRY_BASE_S", 0.2)
-    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, block_ms=100), client=shared,
-                    consumer=f"w-{time.monotonic_ns()}")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(shared, prefix, block_ms=100):
         queue = JobQueue(shared, prefix)
         record = queue.submit("test.flaky_oom", {"key": prefix}, tenant="t")
         final = wait_done(queue, record.id, 30)
-    finally:
-        worker.stop()
-        thread.join(10)
     assert final.state == "succeeded" and final.result == {"runs": 2} and final.attempts == 2
 
 
@@ -202,15 +185,8 @@ def test_a_real_worker_runs_a_small_tenants_job_before_a_floods_backlog(shared, 
     flood = [queue.submit("test.steps", {"key": f"f{i}", "log": log, "steps": 3, "step_s": 0.1}, tenant="flood")
              for i in range(12)]
     quick = queue.submit("test.steps", {"key": "q", "log": log}, tenant="quick")
-    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, block_ms=100), client=shared,
-                    consumer=f"w-{time.monotonic_ns()}")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(shared, prefix, block_ms=100):
         done = wait_done(queue, quick.id, 60)
         finished_flood = sum(1 for r in (queue.get(j.id) for j in flood) if r.done)
-    finally:
-        worker.stop()
-        thread.join(30)
     assert done.state == "succeeded"
     assert finished_flood <= 2, f"the quick job waited for {finished_flood} of the flood's 12 jobs"

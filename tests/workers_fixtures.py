@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import own_redis, prefix, shared  # noqa: F401 - re-exported fixtures
 
 from sith_workers.queue import JobQueue, JobRecord
+from sith_workers.worker import Worker, WorkerSettings
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -34,6 +37,20 @@ def wait_done(queue: JobQueue, job_id: str, timeout_s: float = 120.0) -> JobReco
         record = queue.get(job_id)
         return record if record is not None and record.done else None
     return wait_for(done, timeout_s, f"job {job_id} to finish")  # type: ignore[return-value]
+
+
+@contextmanager
+def running_worker(client, prefix: str, **settings) -> Iterator[Worker]:
+    """A real Worker on ``client``'s Redis, consuming ``prefix``'s queue in a thread until the block ends."""
+    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, **settings), client=client,
+                    consumer=f"w{threading.get_ident()}-{time.monotonic_ns()}")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(30)
 
 
 def start_worker_process(url: str, prefix: str, lease_s: float = 60.0) -> subprocess.Popen:
