@@ -4,9 +4,10 @@
     nice .venv/bin/python experiments/frontier.py --model sith/testbed/checkpoints/testbed-small
 
 Tasks: remove "red", remove "blue", remove "circle" (a shape), and the water/land debias
-(suppress both backgrounds). For every operator (sith_scale, head_project, head_ablation,
-output_projection) the planner is run target-driven over a grid of target presences (and, for the
-projections, of the preservation weight λ); each plan is applied and measured on
+(suppress both backgrounds). For every operator (head_mlp_project, head_project, sith_scale,
+head_ablation, output_projection) the planner is run target-driven over a grid of target presences
+(λ = 1 for the two head projections; λ = 4 was measured on validation and cost the other factors
+more); each plan is applied and measured on
 
 * the **validation** split (world seeds HELDOUT+20/+30): used to choose each operator's point and
   to check the library defaults, and
@@ -14,8 +15,10 @@ projections, of the preservation weight λ); each plan is applied and measured o
   reported in the tables and plots.
 
 Also measured: where the default command (``EditSpec`` defaults: operator auto, target default)
-lands; the Spearman rank correlation between the data-free predicted presence and the measured
-recall (removal) / group accuracy gain (debias) over all edits; and a linear probe (logistic
+lands and whether its preview warned; the Spearman rank correlation between the data-free
+prediction and the measured recall (removal) / group accuracy gain (debias) over all edits, both
+for the predicted presence (write share kept) and for the prior-corrected one the planner aims with
+(presence + PRIOR_WEIGHT · prior, sith.edits.plan); and a linear probe (logistic
 regression trained on edited validation embeddings with their labels, scored on edited test
 embeddings, balanced accuracy) that tells whether the concept is still *in* the embedding.
 
@@ -36,9 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tasks import FACTOR_NAMES, ZeroShot, image_features, natural_set, spurious_set  # noqa: E402
 
+from sith.edits import plan as plan_module  # noqa: E402
 from sith.edits.apply import apply_multipliers  # noqa: E402
-from sith.edits.plan import plan_edit  # noqa: E402
-from sith.edits.spec import EditSpec  # noqa: E402
+from sith.edits.operators import Geometry, tower_writers  # noqa: E402
+from sith.edits.plan import plan_edit, preserved_concepts  # noqa: E402
+from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec  # noqa: E402
 from sith.engine.analysis import Analyzer  # noqa: E402
 from sith.engine.dictionary import build_dictionary  # noqa: E402
 from sith.engine.errors import InvalidInput  # noqa: E402
@@ -54,12 +59,12 @@ TASKS = {
     "circle": {"kind": "remove", "concepts": ["circle"], "factor": "shape"},
     "water/land": {"kind": "debias", "concepts": ["water", "land"], "factor": "background"},
 }
-OPERATORS = ("head_project", "sith_scale", "head_ablation", "output_projection")
-# Target presences swept per operator (the head_project grid is finer: it is the default), and the
-# preservation weights λ of the two projections. Sized for a shared 2-core CPU.
-TARGETS = {"head_project": (0.5, 0.35, 0.25, 0.1), "sith_scale": (0.5, 0.3, 0.1),
-           "head_ablation": (0.5, 0.3, 0.1), "output_projection": (0.5, 0.3, 0.1)}
-LAMBDAS = {"head_project": (0.0, 1.0), "output_projection": (0.0,)}
+OPERATORS = ("head_mlp_project", "head_project", "sith_scale", "head_ablation", "output_projection")
+# Target presences swept per operator (the head_mlp_project grid is finer: it is the default), and
+# the preservation weights λ of the projections. Sized for a shared 2-core CPU.
+TARGETS = {"head_mlp_project": (0.5, 0.35, 0.25, 0.15, 0.05), "head_project": (0.5, 0.35, 0.25, 0.1),
+           "sith_scale": (0.5, 0.3, 0.1), "head_ablation": (0.5, 0.3, 0.1), "output_projection": (0.5, 0.3, 0.1)}
+LAMBDAS = {"head_mlp_project": (1.0,), "head_project": (1.0,), "output_projection": (0.0,)}
 # The issue's targets (held-out test seeds, default command).
 RECALL_TARGET = 0.15
 SAME_FACTOR_KEEP = 0.95
@@ -190,8 +195,11 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
     loaded = load_model(config=folder)
     analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
     splits = Splits(loaded, *sizes)
+    geometry = Geometry(analyzer.joint, analyzer.dictionary, analyzer.decomposition(list(range(loaded.info.layers))),
+                        *tower_writers(loaded))
     base_model = loaded.model.eval()
-    result: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": sizes, "tasks": {}}
+    result: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": sizes, "tasks": {},
+                    "prior_weight": plan_module.PRIOR_WEIGHT, "preserve_weight": plan_module.DEFAULT_PRESERVE_WEIGHT}
     for name in tasks:
         task = TASKS[name]
         base_feats: dict = {}
@@ -203,8 +211,8 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
 
         def measure(plan, label: dict) -> tuple[dict, dict]:
             model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
-            predicted = min(e.after for e in plan.predicted if e.role == "target")
-            point = {**label, "predicted": predicted, "writers": len(plan.affected), "warnings": len(plan.warnings)}
+            point = {**label, **predictions(geometry, plan), "writers": len(plan.affected),
+                     "warnings": len(plan.warnings)}
             feats: dict = {}
             for s in ("val", "test"):
                 point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
@@ -231,24 +239,37 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
             best = max(mine, key=lambda p: choice_key(p["val"], task))
             feats = kept_feats[(operator, best["lambda"], best["target"])]
             entry["chosen"][operator] = {**best, "probe": probe(splits, feats, task)}
-        entry["default"] = default_point(analyzer, splits, task, base)
+        entry["default"] = default_point(analyzer, splits, task, base, geometry)
         result["tasks"][name] = entry
         print(f"[{time.time() - started:.0f}s] {loaded.name} {name}: default {json.dumps(entry['default']['test'])}",
               flush=True)
-    result["spearman"] = rank_correlations(result)
+    summarise_result(result)
     result["seconds"] = round(time.time() - started)
     return result
 
 
-def default_point(analyzer, splits: Splits, task: dict, base: dict) -> dict:
+def predictions(geometry: Geometry, plan) -> dict:
+    """The plan's predicted presence of its (worst) target concept, and the prior-corrected value the
+    planner aims with (presence + PRIOR_WEIGHT · prior against the preserved concepts)."""
+    after = {e.concept: e.after for e in plan.predicted if e.role == "target"}
+    preserved = preserved_concepts(plan.spec, 0, geometry.dictionary)
+    effective = {c: p + plan_module.PRIOR_WEIGHT * geometry.prior_score(c, preserved) for c, p in after.items()}
+    return {"predicted": max(after.values()), "predicted_effective": max(effective.values()),
+            "prior": {c: geometry.prior_score(c, preserved) for c in after}}
+
+
+def default_point(analyzer, splits: Splits, task: dict, base: dict, geometry: Geometry | None = None) -> dict:
     """Where the default command (no tuning flags) lands, measured on both splits."""
     loaded = analyzer.loaded
+    if geometry is None:
+        geometry = Geometry(analyzer.joint, analyzer.dictionary,
+                            analyzer.decomposition(list(range(loaded.info.layers))), *tower_writers(loaded))
     plan = plan_edit(analyzer, spec_for(loaded, task, None, None))
     model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
     op = plan.spec.operations[0]
-    point = {"operator": op.operator, "lambda": "default", "target": op.target,
-             "predicted": min(e.after for e in plan.predicted if e.role == "target"), "writers": len(plan.affected),
-             "warnings": len(plan.warnings), "warnings_text": plan.warnings}
+    point = {"operator": op.operator, "lambda": plan_module.DEFAULT_PRESERVE_WEIGHT, "target": op.target,
+             **predictions(geometry, plan), "writers": len(plan.affected),
+             "warnings": len(plan.warnings), "warnings_text": plan.warnings, "notes": plan.notes}
     feats: dict = {}
     for s in ("val", "test"):
         point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
@@ -266,25 +287,66 @@ def refresh_defaults(raw: dict, folders: list[str]) -> None:
             continue
         analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
         splits = Splits(loaded, *result["sizes"])
+        result["prior_weight"] = plan_module.PRIOR_WEIGHT
+        result["preserve_weight"] = plan_module.DEFAULT_PRESERVE_WEIGHT
         for name, entry in result["tasks"].items():
             base = {s: entry["base"][s]["raw"] for s in ("val", "test")}
             entry["default"] = default_point(analyzer, splits, entry["task"], base)
             print(f"{loaded.name} {name}: default {json.dumps(entry['default']['test'])}", flush=True)
 
 
-def rank_correlations(result: dict) -> dict:
-    """How well the data-free prediction ranks the measured effect, over every edit of the sweep."""
+def rank_correlations(result: dict, key: str = "predicted") -> dict:
+    """How well the data-free prediction ranks the measured effect, over every edit of the sweep
+    (``key``: "predicted" = write share kept, "predicted_effective" = prior-corrected)."""
     xs, ys = [], []
     per_op: dict[str, tuple[list, list]] = {}
     for name, entry in result["tasks"].items():
         for p in entry["points"]:
             measured = p["test"]["recall"] if entry["task"]["kind"] == "remove" else -p["test"]["worst_gain"]
-            xs.append(p["predicted"])
+            xs.append(p[key])
             ys.append(measured)
             per_op.setdefault(p["operator"], ([], []))
-            per_op[p["operator"]][0].append(p["predicted"])
+            per_op[p["operator"]][0].append(p[key])
             per_op[p["operator"]][1].append(measured)
     return {"all": spearman(xs, ys), **{op: spearman(*v) for op, v in per_op.items()}, "edits": len(xs)}
+
+
+def task_correlations(result: dict, key: str = "predicted") -> dict:
+    """The same rank correlation within each task (one concept's removal, or the debias), every operator."""
+    out = {}
+    for name, entry in result["tasks"].items():
+        remove = entry["task"]["kind"] == "remove"
+        pts = entry["points"]
+        out[name] = spearman([p[key] for p in pts], [p["test"]["recall"] if remove else -p["test"]["worst_gain"]
+                                                      for p in pts])
+    return out
+
+
+def summarise_result(result: dict) -> None:
+    """(Re)compute the sweep's summary statistics from its points."""
+    result["spearman"] = rank_correlations(result)
+    result["spearman_effective"] = rank_correlations(result, "predicted_effective")
+    result["spearman_tasks"] = {"predicted": task_correlations(result),
+                                "predicted_effective": task_correlations(result, "predicted_effective")}
+    result["calibration"] = calibration(result)
+
+
+def calibration(result: dict) -> dict:
+    """Removal points whose prior-corrected prediction says "removed" (≤ the default target): how many
+    really are (test recall ≤ RECALL_TARGET), and how many of those that are not carried a warning."""
+    said = hit = warned_miss = 0
+    for entry in result["tasks"].values():
+        if entry["task"]["kind"] != "remove":
+            continue
+        for p in entry["points"]:
+            if p["predicted_effective"] <= DEFAULT_SUPPRESS_TARGET + 1e-9:
+                said += 1
+                if p["test"]["recall"] <= RECALL_TARGET:
+                    hit += 1
+                elif p["warnings"]:
+                    warned_miss += 1
+    return {"predicted_removed": said, "removed": hit, "missed_with_warning": warned_miss,
+            "missed_silently": said - hit - warned_miss}
 
 
 # ------------------------------------------------------------------------------ report
@@ -306,7 +368,9 @@ def _row(label: str, p: dict, kind: str, probe_value: float | None = None) -> st
 
 def render(result: dict) -> str:
     lines = [f"# Edit frontier on `{result['model']}`", "",
-             f"Generated by `experiments/frontier.py` in {result['seconds']} s (2-core CPU). Images per split: "
+             f"Generated by `experiments/frontier.py` in {result['seconds']} s (2-core AMD EPYC VM, shared; no GPU). "
+             f"Library defaults measured: λ = {result.get('preserve_weight', '?')}, prior weight "
+             f"{result.get('prior_weight', '?')}. Images per split: "
              f"validation {result['sizes'][0]} natural / {result['sizes'][2]} spurious, fresh test {result['sizes'][1]} "
              f"/ {result['sizes'][3]}. Every point chosen on validation, every number below on the fresh test seeds.", ""]
     for name, entry in result["tasks"].items():
@@ -332,24 +396,48 @@ def render(result: dict) -> str:
             lines.append(_row(f"{operator} (val-chosen: target {p['target']:g}{lam}, {p['writers']} writers)", p, kind,
                               p["probe"]))
         d = entry["default"]
-        lines.append(_row(f"**default command** ({d['operator']}, target {d['target']:g})", d, kind, d["probe"]))
+        lines.append(_row(f"**default command** ({d['operator']}, target {d['target']:g}, λ={d['lambda']}; predicted "
+                          f"{d['predicted']:.3f}, prior {max(d.get('prior', {0: 0}).values()):+.2f})", d, kind, d["probe"]))
+        warned = d.get("warnings_text") or []
+        lines += ["", "Default preview warnings: " + ("; ".join(f"`{w[:160]}`" for w in warned if not
+                                                           w.startswith("[preserve]")) or "none (besides preserve notes)")
+                  + f" ({sum(w.startswith('[preserve]') for w in warned)} preserve warning(s))."]
         lines += ["", f"<details><summary>all {len(entry['points'])} frontier points (test)</summary>", "",
-                  "| operator | λ | target | predicted | " + ("recall | rest kept | min other |" if kind == "remove"
-                                                           else "worst gain | mean gain | min other |"),
-                  "|---|---|---|---|---|---|---|"]
+                  "| operator | λ | target | predicted | prior-corrected | warnings | " +
+                  ("recall | rest kept | min other |" if kind == "remove" else "worst gain | mean gain | min other |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p in entry["points"]:
             t = p["test"]
             cols = ((pct(t["recall"]), pct(t["rest_keep"]), pct(t["other_min"])) if kind == "remove"
                     else (f"{t['worst_gain'] * 100:+.1f}", f"{t['mean_gain'] * 100:+.1f}", pct(t["other_min"])))
             lam = "–" if p["lambda"] is None else f"{p['lambda']:g}"
-            lines.append(f"| {p['operator']} | {lam} | {p['target']:g} | {p['predicted']:.3f} | " + " | ".join(cols) + " |")
+            lines.append(f"| {p['operator']} | {lam} | {p['target']:g} | {p['predicted']:.3f} | "
+                         f"{p.get('predicted_effective', float('nan')):.3f} | {p['warnings']} | " + " | ".join(cols) + " |")
         lines += ["", "</details>", ""]
     sp = result["spearman"]
     lines += ["## Does the data-free prediction rank the measured effect?", "",
               f"Spearman rank correlation between the predicted presence of the edited concept and the measured "
               f"effect (recall for removals, minus the worst-group gain for the debias) over {sp['edits']} edits: "
               f"**{sp['all']:.2f}** (" + ", ".join(f"{op} {v:.2f}" for op, v in sp.items() if op not in ("all", "edits"))
-              + ").", ""]
+              + ")."]
+    se = result.get("spearman_effective")
+    if se:
+        lines += ["", f"Prior-corrected prediction (what the planner aims with): **{se['all']:.2f}** (" +
+                  ", ".join(f"{op} {v:.2f}" for op, v in se.items() if op not in ("all", "edits")) + ")."]
+    st = result.get("spearman_tasks")
+    if st:
+        lines += ["", "Within each task (all operators): " + ", ".join(
+            f"{name} {st['predicted'][name]:.2f} / {st['predicted_effective'][name]:.2f}" for name in st["predicted"])
+            + " (plain / prior-corrected). Across operators the presence is not one scale: sith_scale and "
+            "head_ablation zero whole directions other concepts also use, so at the same predicted presence they "
+            "remove more (and destroy more) than the projections."]
+    cal = result.get("calibration")
+    if cal:
+        lines += ["", f"Calibration (removals): {cal['predicted_removed']} edits were predicted removed (prior-corrected "
+                  f"≤ {DEFAULT_SUPPRESS_TARGET:g}); "
+                  f"{cal['removed']} were (test recall ≤ {pct(RECALL_TARGET)} %), {cal['missed_with_warning']} missed "
+                  f"with a preview warning, **{cal['missed_silently']} missed silently**."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -361,7 +449,7 @@ def plot(result: dict, path: Path) -> None:
 
     names = list(result["tasks"])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8))
-    colours = {"head_project": "tab:blue", "sith_scale": "tab:orange", "head_ablation": "tab:red",
+    colours = {"head_mlp_project": "tab:purple", "head_project": "tab:blue", "sith_scale": "tab:orange", "head_ablation": "tab:red",
                "output_projection": "tab:green"}
     for ax, name in zip(axes if len(names) > 1 else [axes], names):
         entry = result["tasks"][name]
@@ -414,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny splits (smoke run)")
     parser.add_argument("--defaults-only", action="store_true", help="re-measure only the default command's "
                         "points of an existing frontier.json (after a library default changed)")
+    parser.add_argument("--render-only", action="store_true", help="re-render frontier.md and the figures from "
+                        "an existing frontier.json (no model is run)")
     parser.add_argument("--out", default=str(HERE / "frontier.md"))
     parser.add_argument("--figures", default=str(FIGURES))
     args = parser.parse_args(argv)
@@ -426,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     raw_path = out.with_suffix(".json")
     raw: dict = {}
+    if args.render_only:
+        raw = json.loads(raw_path.read_text(encoding="utf-8"))
+        for result in raw.values():
+            summarise_result(result)
+            plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
+        raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+        folders = []
     if args.defaults_only:
         raw = json.loads(raw_path.read_text(encoding="utf-8"))
         refresh_defaults(raw, folders)

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from edits_fixtures import CONCEPTS, TINY_CFG, images, plan_inputs, tiny_loaded
 from sith.edits.apply import apply_multipliers, revert
 from sith.edits.multipliers import Multipliers, WriteMap
-from sith.edits.operators import OPERATORS, Geometry, preserving_pair, resolve_operator
-from sith.edits.plan import neighbours, operation_layers, plan_from_vectors
+from sith.edits import plan as plan_module
+from sith.edits.operators import OPERATORS, Geometry, preserving_pair, resolve_operator, tower_writers
+from sith.edits.plan import neighbours, operation_layers, plan_from_vectors, preserved_concepts
 from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec, Operation, explicit, top_n
 from sith.engine.decomposition import dense_vo, head_value_bias
 from sith.engine.dictionary import build_dictionary
@@ -36,7 +37,8 @@ def _plan(stack, *operations, preserve_weight: float = 1.0):
     loaded, dictionary, decomposition, joint, vectors = stack
     spec = EditSpec(model="tiny", operations=list(operations)).validate()
     return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors,
-                             operation_layers(loaded.info, spec), joint, dictionary, preserve_weight=preserve_weight)
+                             operation_layers(loaded.info, spec), joint, dictionary, preserve_weight=preserve_weight,
+                             model=loaded.model)
 
 
 def _embed(model, x=None):
@@ -44,10 +46,16 @@ def _embed(model, x=None):
         return model.encode_image(images() if x is None else x)
 
 
-def _patched(model, maps: dict[tuple[int, int], torch.Tensor], proj_map: torch.Tensor | None = None):
+def _patched(model, maps: dict[tuple[int, int], torch.Tensor], proj_map: torch.Tensor | None = None,
+             mlp_maps: dict[int, torch.Tensor] | None = None):
     """Independent reference: multiply the raw out_proj columns by T (row form W_O ← W_O T) and keep
-    each head's constant value term in the bias; no SVD involved."""
+    each head's constant value term in the bias; the raw MLP c_proj weight likewise (W ← Tᵀ W in
+    nn.Linear's [out, in] layout, bias untouched); no SVD involved."""
     ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, t in (mlp_maps or {}).items():
+            fc = ref.visual.transformer.resblocks[layer].mlp.c_proj
+            fc.weight.copy_((t.T @ fc.weight.double()).float())
     blocks = ref.visual.transformer.resblocks
     heads = blocks[0].attn.num_heads
     dh = blocks[0].attn.embed_dim // heads
@@ -70,9 +78,17 @@ def _head_maps(plan) -> dict[tuple[int, int], torch.Tensor]:
             for site, layer, head in plan.multipliers.mapped_writers() if site == "head"}
 
 
+def _mlp_maps(plan) -> dict[int, torch.Tensor]:
+    return {layer: plan.multipliers.write_matrix("mlp", layer)
+            for site, layer, _ in plan.multipliers.mapped_writers() if site == "mlp"}
+
+
 def test_operator_registry_and_unknown_names():
-    assert set(OPERATORS) == {"sith_scale", "head_project", "head_ablation", "output_projection"}
-    assert resolve_operator("auto") == resolve_operator(None) == "head_project"
+    from sith.cli.edits import OPERATOR_CHOICES
+
+    assert set(OPERATORS) == {"sith_scale", "head_project", "head_mlp_project", "head_ablation", "output_projection"}
+    assert OPERATOR_CHOICES == ("auto", *OPERATORS)  # the CLI's list (kept torch-free) names every operator
+    assert resolve_operator("auto") == resolve_operator(None) == "head_mlp_project"
     with pytest.raises(InvalidInput) as err:
         EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "operator": "head_projct"}]})
     assert err.value.field == "operations[0].operator" and "head_project" in err.value.suggestions
@@ -207,21 +223,37 @@ def test_default_plan_reaches_its_target_and_reports_every_preserved_concept(sta
     loaded, dictionary, decomposition, _, _ = stack
     plan = _plan(stack, Operation(["red"]))
     op = plan.spec.operations[0]
-    assert op.operator == "head_project" and op.select.rule == "auto" and op.target == pytest.approx(DEFAULT_SUPPRESS_TARGET)
+    assert op.operator == "head_mlp_project" and op.select.rule == "auto"
+    assert op.target == pytest.approx(DEFAULT_SUPPRESS_TARGET)
     roles = {e.concept: e.role for e in plan.predicted}
     assert roles["red"] == "target"
     assert {c for c, r in roles.items() if r == "preserve"} == set(neighbours(dictionary, "red")) == {"blue", "green", "yellow"}
+    # every head and every MLP is a writer; the presence aimed at is the target corrected by the prior
+    assert {(a.layer, a.head) for a in plan.affected} == {(l, h) for l in LAYERS for h in (-1, 0, 1, 2, 3)}
+    geometry = Geometry(plan_inputs(loaded, dictionary, LAYERS)[1], dictionary, decomposition, *tower_writers(loaded))
+    prior = geometry.prior_score("red", preserved_concepts(plan.spec, 0, dictionary))
+    assert prior != 0.0
+    aimed = max(0.0, DEFAULT_SUPPRESS_TARGET - plan_module.PRIOR_WEIGHT * prior)
     red = next(e for e in plan.predicted if e.concept == "red")
-    assert red.before == 1.0 and red.after == pytest.approx(DEFAULT_SUPPRESS_TARGET, abs=1e-6)
-    # the prediction is what the edited weights really write (dense W_VO, no SVD): signed share along ĝ
+    assert red.before == 1.0 and red.after == pytest.approx(aimed, abs=1e-6)
+    assert any("leans" in n for n in plan.notes)
+    # the prediction is what the edited weights really write (dense W_VO and the raw MLP weights, no
+    # SVD): the signed share along ĝ, MLP hidden units weighted by their data-free RMS
     edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
-    g = Geometry(plan_inputs(loaded, dictionary, LAYERS)[1], dictionary, decomposition).residual_direction("blue")
+    g = geometry.residual_direction("blue")
     num = den = 0.0
     for layer in LAYERS:
         w0 = dense_vo(loaded.model.visual.transformer.resblocks[layer], 4).double() @ g
         w1 = dense_vo(edited.visual.transformer.resblocks[layer], 4).double() @ g
         num += float((w0 * w1).sum())
         den += float((w0 * w0).sum())
+        m0 = geometry.mlp[layer] @ g
+        raw0 = loaded.model.visual.transformer.resblocks[layer].mlp.c_proj.weight.double().T
+        raw1 = edited.visual.transformer.resblocks[layer].mlp.c_proj.weight.double().T
+        scale = m0 / (raw0 @ g)  # the RMS weights, recovered from the geometry
+        m1 = scale * (raw1 @ g)
+        num += float((m0 * m1).sum())
+        den += float((m0 * m0).sum())
     blue = next(e for e in plan.predicted if e.concept == "blue")
     assert blue.after == pytest.approx(num / den, abs=1e-4)
     # with explicit preserve, the concept is reported as preserved too
@@ -245,6 +277,74 @@ def test_strength_is_honoured_for_suppress_and_flip(stack):
     assert [a.alpha for a in plan.affected] == [-0.5, -0.5]
     plan = _plan(stack, Operation(["red"], "flip", -0.5, select=top_n(2), operator="sith_scale"))
     assert {a.alpha for a in plan.affected} == {-0.5}
+
+
+def test_head_mlp_project_writes_back_exactly_composes_and_reverts(stack, tmp_path):
+    loaded, dictionary, decomposition, joint, _ = stack
+    plan = _plan(stack, Operation(["red"], "suppress", 0.3, layers=[1, 2], select=top_n(5), operator="head_mlp_project"))
+    assert all(a.operator == "head_mlp_project" and a.alpha == 0.3 for a in plan.affected)
+    mlps = _mlp_maps(plan)
+    assert mlps, "the MLPs carry the largest shares in this tower and must be chosen"
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    reference = _patched(loaded.model, _head_maps(plan), mlp_maps=mlps)
+    assert (_embed(edited) - _embed(reference)).abs().max() < 1e-5
+    # each edited MLP's write along ĝ is multiplied by exactly α; its bias and input side never change
+    g = Geometry(joint, dictionary, decomposition).residual_direction("red")
+    for layer in mlps:
+        b0, b1 = loaded.model.visual.transformer.resblocks[layer], edited.visual.transformer.resblocks[layer]
+        before, after = b0.mlp.c_proj.weight.double().T @ g, b1.mlp.c_proj.weight.double().T @ g
+        assert torch.allclose(after, 0.3 * before, atol=1e-5) and before.abs().max() > 1e-3
+        assert torch.equal(b0.mlp.c_proj.bias, b1.mlp.c_proj.bias) and torch.equal(b0.mlp.c_fc.weight, b1.mlp.c_fc.weight)
+    # manifest round trip, compose and exact removal through the manifest
+    assert Multipliers.from_manifest(plan.manifest()["multipliers"]) == plan.multipliers
+    other = _plan(stack, Operation(["water"], "suppress", 0.5, layers=[2], select=top_n(2), operator="head_mlp_project"))
+    both = plan.multipliers.compose(other.multipliers)
+    only = both.compose(other.multipliers.inverse())
+    assert (_embed(apply_multipliers(loaded.model, only, decomposition)) - _embed(edited)).abs().max() < 1e-5
+    assert plan.multipliers.compose(plan.multipliers.inverse()).is_identity()
+    restored = apply_multipliers(loaded.model, plan.multipliers.compose(plan.multipliers.inverse()), decomposition)
+    for p0, p1 in zip(loaded.model.parameters(), restored.parameters()):
+        assert torch.equal(p0, p1)
+    # exported, it loads in plain open_clip with the in-memory edit's embeddings
+    from sith.edits.export import export_checkpoint
+
+    path = tmp_path / "red-mlp.safetensors"
+    export_checkpoint(edited, path, plan.manifest())
+    plain = open_clip.model.CLIP(**copy.deepcopy(TINY_CFG)).eval()
+    plain.load_state_dict(load_file(str(path)))
+    assert (_embed(plain) - _embed(edited)).abs().max() < 1e-6
+    # without the model the planner knows no MLP: refused by name, never a silent heads-only edit
+    _, _, _, _, vectors = stack
+    spec = EditSpec(model="tiny", operations=[Operation(["red"])]).validate()
+    with pytest.raises(InvalidInput, match="head_project") as err:
+        plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors, operation_layers(loaded.info, spec),
+                          joint, dictionary)
+    assert err.value.field == "operations[0].operator"
+
+
+def test_heads_alone_cannot_remove_what_the_mlps_write_and_the_preview_says_so(stack):
+    plan = _plan(stack, Operation(["red"], operator="head_project", target=0.0))
+    red = next(e for e in plan.predicted if e.concept == "red")
+    assert red.after > 0.0  # the MLPs' share stays
+    warning = next(w for w in plan.warnings if w.startswith("[unreachable]"))
+    assert "head_mlp_project" in warning and "not reachable" in warning
+
+
+def test_a_concept_the_tower_defaults_to_is_flagged(stack, monkeypatch):
+    """The prior correction: a concept the tower leans to with no evidence is aimed lower; when even
+    presence 0 is not enough the preview carries a named [prior] warning."""
+    loaded, dictionary, *_ = stack
+    geometry = Geometry(stack[3], dictionary, stack[2], *tower_writers(loaded))
+    scores = {c: geometry.prior_score(c, neighbours(dictionary, c)) for c in ("red", "blue", "green", "yellow")}
+    leaning = max(scores, key=scores.get)
+    assert scores[leaning] > 0
+    plan = _plan(stack, Operation([leaning]))
+    target = next(e for e in plan.predicted if e.concept == leaning)
+    assert target.after < DEFAULT_SUPPRESS_TARGET - 1e-6  # aimed lower than the target
+    monkeypatch.setattr(plan_module, "PRIOR_WEIGHT", 10.0)
+    plan = _plan(stack, Operation([leaning]))
+    assert any(w.startswith("[prior]") and leaning in w for w in plan.warnings)
+    assert next(e for e in plan.predicted if e.concept == leaning).after == pytest.approx(0.0, abs=1e-9)
 
 
 def test_unreachable_target_is_a_warning_in_the_preview_not_a_silent_no_op(stack):
@@ -295,7 +395,7 @@ def test_spec_round_trip_with_the_new_fields():
     again = EditSpec.from_json(spec.to_json())
     assert again.to_dict() == spec.to_dict()
     ops = again.to_dict()["operations"]
-    assert ops[0]["operator"] == "head_project" and ops[0]["target"] == DEFAULT_SUPPRESS_TARGET and ops[0]["select"] == {"rule": "auto"}
+    assert ops[0]["operator"] == "head_mlp_project" and ops[0]["target"] == DEFAULT_SUPPRESS_TARGET and ops[0]["select"] == {"rule": "auto"}
     assert ops[1]["preserve"] == ["sky"] and ops[1]["preserve_neighbours"] is False
     assert ops[2]["target"] == 2.0 and ops[3]["strength"] == -0.5 and ops[3]["target"] == -0.5
 
@@ -337,3 +437,28 @@ def test_output_projection_names_a_tower_without_a_final_projection():
     with pytest.raises(InvalidInput) as info:
         apply_multipliers(model, mult, {})
     assert info.value.field == "operator" and "timm" in info.value.reason and "output_projection" in info.value.reason
+
+
+def test_mlp_rms_weights_match_a_monte_carlo_estimate(stack):
+    """tower_writers' data-free RMS of each MLP hidden unit: the Gauss–Hermite value equals a sampled
+    E[act(z)²]^½ for z ~ N(b + w·β, ‖w ⊙ γ‖²), and the rows are the adapter's MLP write matrix."""
+    from sith.edits.operators import _rms_activation
+    from sith.engine.towers import adapter_for
+
+    loaded = stack[0]
+    mlps, prior = tower_writers(loaded)
+    tower = adapter_for(loaded.model)
+    block = tower.blocks[1]
+    weight = block.mlp.c_fc.weight.double()
+    mean = block.mlp.c_fc.bias.double() + weight @ block.ln_2.bias.double()
+    std = (weight * block.ln_2.weight.double()[None, :]).norm(dim=1)
+    rms = _rms_activation(mean, std, block.mlp.gelu)
+    z = mean[:, None] + std[:, None] * torch.randn(mean.shape[0], 200_000, generator=torch.Generator().manual_seed(0),
+                                                   dtype=torch.float64)
+    sampled = (torch.nn.functional.gelu(z) ** 2).mean(dim=1).sqrt()
+    assert torch.allclose(rms, sampled, rtol=2e-2)
+    assert torch.allclose(mlps[1], tower.mlp_output(1).double() * rms[:, None], atol=1e-6)
+    assert set(mlps) == {0, 1, 2} and prior is not None and prior.shape == (64,)
+    visual = loaded.model.visual
+    expected = visual.ln_pre((visual.class_embedding + visual.positional_embedding[0])[None]).reshape(-1)
+    assert torch.allclose(prior, expected.double().detach(), atol=1e-6)  # read through the adapter

@@ -12,7 +12,9 @@ from sith.engine.errors import InvalidInput
 from sith.engine.jointspace import DEFAULT_IMAGE_MEAN
 
 ACTIONS = ("suppress", "amplify", "flip", "scale")
-OPERATOR_CHOICES = ("auto", "head_project", "sith_scale", "head_ablation", "output_projection")
+# Must list sith.edits.operators.OPERATORS (not imported here: the CLI starts without torch);
+# tests/test_edits_operators.py checks they agree.
+OPERATOR_CHOICES = ("auto", "head_mlp_project", "head_project", "sith_scale", "head_ablation", "output_projection")
 
 
 def _spec_options(func):
@@ -22,9 +24,10 @@ def _spec_options(func):
         click.option("--concept", "concepts", multiple=True, help="Concept by name (repeatable)."),
         click.option("--action", type=click.Choice(ACTIONS), default="suppress", show_default=True),
         click.option("--operator", type=click.Choice(OPERATOR_CHOICES), default="auto", show_default=True,
-                     help="How the model is changed (docs/edits.md); auto = head_project."),
+                     help="How the model is changed (docs/edits.md); auto = head_mlp_project."),
         click.option("--target", type=float, default=None,
-                     help="Goal: suppress to this predicted presence (default 0.15), amplify by this factor."),
+                     help="Goal: suppress to this predicted presence (default 0.2, corrected for the concept's prior), "
+                          "amplify by this factor."),
         click.option("--preserve", "preserve", multiple=True, help="Concept that must not move (repeatable)."),
         click.option("--no-preserve-neighbours", is_flag=True,
                      help="Do not protect the concept's dictionary neighbours (e.g. the other colours)."),
@@ -106,7 +109,7 @@ def _plan(opts: dict):
 def _writer(a) -> tuple[str, str, str]:
     if a.layer < 0:
         return "proj", "–", "–"
-    return str(a.layer), str(a.head), "–" if a.index < 0 else str(a.index)
+    return str(a.layer), "mlp" if a.head < 0 else str(a.head), "–" if a.index < 0 else str(a.index)
 
 
 def _print_plan(plan) -> None:
@@ -138,10 +141,12 @@ def _print_plan(plan) -> None:
         heads.add_row(str(h.layer), str(h.head), str(h.vectors), f"{h.energy_before:.4f}", f"{h.energy_after:.4f}",
                       f"{100 * h.energy_ratio:.1f}%")
     console.print(heads)
+    from rich.markup import escape
+
     for note in plan.notes:
-        console.print(f"note: {note}")
-    for warning in plan.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"note: {escape(note)}")
+    for warning in plan.warnings:  # escaped: the tags ([prior], [unreachable], …) are text, not markup
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
 
 
 def _changes(multipliers) -> str:
@@ -273,7 +278,9 @@ def summary_lines(manifest: dict) -> list[str]:
     maps = mult.get("maps", [])
     heads = sorted({(m[1], m[2]) for m in maps if m[0] == "head"} | {(c[0], c[1]) for c in changed})
     output = any(m[0] == "output" for m in maps)
+    mlps = sorted({m[1] for m in maps if m[0] == "mlp"})
     lines.append(f"  changed: {len(changed)} singular value(s), {len(maps)} write map(s), {len(heads)} head(s)"
+                 + (f", {len(mlps)} MLP output(s)" if mlps else "")
                  + (", visual.proj" if output else "") + f"; layers {mult.get('layers', [])}")
     if heads:
         shown = ", ".join(f"L{layer}H{head}" for layer, head in heads[:12])

@@ -13,13 +13,17 @@ the constant is untouched, which is SITH's folded-bias semantics (only the VO ma
 Rank-one write maps (operators.py) multiply a head's write on the right, M' = U diag(ασ) Vᵀ T,
 through the same path (so they are written from the base decomposition and revert exactly). A map
 on the output site rewrites the final projection P ← P T (``visual.proj`` for open_clip, through
-the tower adapter's ``set_projection``); that one is relative to the proj it is given,
-so apply such edits to the base model (the CLI, the server and ``revert`` all do).
+the tower adapter's ``set_projection``); a map on the "mlp" site rewrites a block's MLP output
+weights W ← W T (row form; the tower adapter's ``mlp_output``/``write_mlp_output``, so the stock
+``c_proj``/``fc2`` layout is kept and its bias is untouched). Those two are relative to the weights
+they are given, so apply such edits to the base model (the CLI, the server and ``revert`` all do).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +43,15 @@ def _clip(model):
 
 @torch.no_grad()
 def rewrite_head(block: nn.Module, num_heads: int, head: int, svd: LayerSVD, alpha: Tensor,
-                 right: Tensor | None = None) -> None:
-    """Set head ``head`` of ``block`` to W_VO = U diag(α σ) Vᵀ [T] (in place, stock layout)."""
-    w_v, _ = vo_factors(block, num_heads)
+                 right: Tensor | Callable[[Tensor], Tensor] | None = None, *, w_v: Tensor | None = None) -> None:
+    """Set head ``head`` of ``block`` to W_VO = U diag(α σ) Vᵀ [T] (in place, stock layout).
+
+    ``right`` is T as a dense [d, d] matrix or as a function applying it to rows (rank-one maps:
+    O(d) per row instead of O(d²)); ``w_v`` the block's value factors when the caller has them
+    (writing a head never changes the value side, so one read serves every head of a layer).
+    """
+    if w_v is None:
+        w_v, _ = vo_factors(block, num_heads)
     a = w_v[head].double()  # [d, dh]
     device = a.device
     u, s, v = (svd.U[head].to(device).double(), svd.S[head].to(device).double(), svd.V[head].to(device).double())
@@ -52,7 +62,9 @@ def rewrite_head(block: nn.Module, num_heads: int, head: int, svd: LayerSVD, alp
         raise InvalidInput("decomposition", f"layer {svd.layer} head {head}: the decomposition does not match "
                            "this model's value weights (decomposed from a different model?)")
     b_new = coords @ torch.diag(alpha.double() * s) @ v.T  # [dh, d], centred write rows
-    if right is not None:
+    if callable(right):
+        b_new = right(b_new)
+    elif right is not None:
         b_new = b_new @ right.to(device).double()
 
     # The tower adapter's block writer adds back the removed mean, unfolds LayerScale (and any
@@ -83,17 +95,50 @@ def apply_multipliers(model, multipliers: Multipliers, decomposition: dict[int, 
         if tuple(alpha.shape) != tuple(svd.S.shape):
             raise InvalidInput("multipliers", f"layer {layer}: shape {tuple(alpha.shape)} does not match the "
                                f"decomposition's {tuple(svd.S.shape)}")
+        w_v = None
         for head in range(num_heads):
-            right = multipliers.write_matrix("head", layer, head)
-            if skip_unchanged and right is None and bool((alpha[head] == 1.0).all()):
+            mapped = bool(multipliers.maps_for("head", layer, head))
+            if skip_unchanged and not mapped and bool((alpha[head] == 1.0).all()):
                 continue
-            rewrite_head(blocks[layer], num_heads, head, svd, alpha[head], right)
+            if w_v is None:
+                w_v, _ = vo_factors(blocks[layer], num_heads)
+            right = partial(_map_rows, multipliers, "head", layer, head) if mapped else None
+            rewrite_head(blocks[layer], num_heads, head, svd, alpha[head], right, w_v=w_v)
     for site, layer, head in multipliers.mapped_writers():
         if site == "head" and not (0 <= head < num_heads):
             raise InvalidInput("multipliers", f"layer {layer} head {head} does not exist ({num_heads} heads)")
         if site == "output":
             _rewrite_output(tower, multipliers.write_matrix("output"))
+        if site == "mlp":
+            _rewrite_mlp(tower, layer, multipliers)
     return edited
+
+
+def _map_rows(multipliers: Multipliers, site: str, layer: int, head: int, rows: Tensor) -> Tensor:
+    """rows T₁T₂… for a writer's rank-one maps T = I − (1 − a) u vᵀ, without forming the dense d×d T:
+    O(rows·d) per map, where ``rows @ write_matrix(...)`` costs O(rows·d²) plus O(d²) to build T
+    (the step that made apply+export grow faster than the parameter count with the width)."""
+    rows = rows.to(torch.float64, copy=True)   # one copy, then rank-one updates in place (BLAS ger)
+    for m in multipliers.maps_for(site, layer, head):
+        u, v = (t.to(rows.device) for t in multipliers.pairs[m.pair])
+        if rows.shape[-1] != u.shape[0]:
+            raise InvalidInput("multipliers", f"the {site} write map has width {u.shape[0]}, but layer {layer} "
+                               f"writes width {rows.shape[-1]}")
+        rows.addr_(rows @ u, v, alpha=-(1.0 - m.alpha))
+    return rows
+
+
+@torch.no_grad()
+def _rewrite_mlp(tower: TowerAdapter, layer: int, multipliers: Multipliers) -> None:
+    """Block ``layer``'s MLP write W ← W T (row form [m, d]: every hidden unit's write w becomes w T),
+    read and written through the tower adapter (LayerScale folded/unfolded, stock layout)."""
+    if not 0 <= layer < tower.num_layers:
+        raise InvalidInput("multipliers", f"MLP map on layer {layer}: the tower has {tower.num_layers} blocks")
+    w = tower.mlp_output(layer)
+    if w is None:
+        raise InvalidInput("operator", f"layer {layer} of the {tower.family} tower has no MLP output to edit; "
+                           "use head_project")
+    tower.write_mlp_output(layer, _map_rows(multipliers, "mlp", layer, -1, w))
 
 
 @torch.no_grad()
@@ -112,6 +157,9 @@ def _rewrite_output(tower: TowerAdapter, right: Tensor) -> None:
 
 
 def revert(model, decomposition: dict[int, LayerSVD]):
-    """The base model back from any edit of it: every decomposed head rewritten with α = 1."""
+    """The base model back from any head edit of it: every decomposed head rewritten with α = 1.
+
+    Output and MLP write maps are relative to the weights they were applied to, so an edit that
+    carries them is reverted by rebuilding from the base model (``sith edit revert`` does)."""
     ones = Multipliers({layer: torch.ones_like(svd.S) for layer, svd in decomposition.items()})
     return apply_multipliers(model, ones, decomposition, skip_unchanged=False)

@@ -13,7 +13,7 @@ edited model's own SVD no longer name the same directions. Keeping α indexed by
   direction is gone from the edited weights, only the base can bring it back).
 
 Beyond the paper, an edit may also carry **rank-one write maps** (operators.py): a writer (a head,
-or the output projection) gets W ← W T with T = I − (1 − a) u vᵀ, vᵀu = 1 (row-vector form: the
+a block's MLP output, or the output projection) gets W ← W T with T = I − (1 − a) u vᵀ, vᵀu = 1 (row-vector form: the
 write w becomes w T, so its component along u is multiplied by a and the change lies along v).
 They are stored after the α (per writer, in application order) and follow the same rules:
 compose = the lists concatenated (a's maps, then b's), inverse = the lists reversed with a → 1/a
@@ -38,7 +38,7 @@ from sith.engine.errors import InvalidInput
 FORMAT = "sith-multipliers"
 FORMAT_VERSION = 1
 UNIT_TOLERANCE = 1e-6
-SITES = ("head", "output")
+SITES = ("head", "mlp", "output")
 # vᵀu must be 1 for T = I − (1 − a) u vᵀ to scale u by exactly a.
 PAIR_TOLERANCE = 1e-6
 
@@ -48,6 +48,7 @@ class WriteMap:
     """T = I − (1 − alpha) u vᵀ applied to one writer; ``pair`` indexes ``Multipliers.pairs``.
 
     site "head": (layer, head) of an attention head (u, v in residual width d);
+    site "mlp": the MLP output weights of block ``layer`` (head = -1; u, v in residual width d);
     site "output": the output projection ``visual.proj`` (layer = head = -1; u, v in joint width D).
     """
 
@@ -115,6 +116,9 @@ class Multipliers:
                                    f"but only {len(self.pairs)} pair(s) are stored")
             if not torch.isfinite(torch.tensor(float(m.alpha))):
                 raise InvalidInput("multipliers", f"write map on {m.writer}: α must be finite")
+            if m.site == "mlp" and (m.head != -1 or m.layer < 0):
+                raise InvalidInput("multipliers", f"write map on {m.writer}: an MLP map names a layer >= 0 and "
+                                   "head -1")
             if m.site == "head" and m.layer not in self.values:
                 raise InvalidInput("multipliers", f"write map on layer {m.layer} head {m.head}: the layer has no "
                                    "α entry (every edited head's layer must be listed)")

@@ -1,12 +1,14 @@
 """From an EditSpec to a concrete edit, plus the dry-run preview of what it would change.
 
 Planning never touches weights. Per operation it resolves the concepts to preserve (explicit +
-dictionary neighbours), picks writers (singular vectors, heads, or the output projection, by
-operator) and strengths, either by the selection rule (expert override) or target-driven: until the
-concept's data-free predicted presence (operators.predicted_presence) reaches the target. The
-preview reports per writer (α, share, explanation, operator), per head (spectral energy),
-the predicted presence of every edited and preserved concept, and warnings (unreachable target,
-a preserved concept predicted to move) before anything is written.
+dictionary neighbours), picks writers (singular vectors, heads, heads + MLPs, or the output
+projection, by operator) and strengths, either by the selection rule (expert override) or
+target-driven: until the concept's data-free predicted presence (operators.predicted_presence)
+reaches the target (for the head projections: the target corrected by the concept's prior,
+``_Planner.target_for``). The preview reports per writer (α, share, explanation, operator), per head
+(spectral energy), the predicted presence of every edited and preserved concept, and tagged
+warnings ([unreachable] target, [prior] default concept, [preserve] a preserved concept predicted
+to move) before anything is written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sith.edits.multipliers import Multipliers, WriteMap
-from sith.edits.operators import Geometry, predicted_presence, preserving_pair, solve_uniform_alpha
+from sith.edits.operators import Geometry, predicted_presence, preserving_pair, solve_uniform_alpha, tower_writers
 from sith.edits.relevance import DictionaryJudge, Judge, VectorSet, select
 from sith.edits.spec import MAX_ABS_STRENGTH, EditSpec, Operation, default_strength, top_n
 from sith.engine.decomposition import LayerSVD, resolve_layers
@@ -30,18 +32,24 @@ EXPLANATION_K = 5
 NEIGHBOURS_K = 8
 NEIGHBOUR_MIN_COSINE = 0.3
 SYNONYM_COSINE = 0.85
-# λ of head_project / output_projection (operators.preserving_pair), chosen on validation seeds
-# (experiments/frontier.py).
-DEFAULT_PRESERVE_WEIGHT = 1.0
+# λ of head_mlp_project / head_project / output_projection (operators.preserving_pair), chosen on
+# validation seeds with the default target and prior weight (docs/edits.md, "Frontier": λ = 2 beat
+# 1 and 0.5 on the validation rule, mean and worst case over both testbed models and four tasks).
+DEFAULT_PRESERVE_WEIGHT = 2.0
 # A preserved concept whose predicted presence moves by more than this is reported in the warnings.
 PRESERVE_WARNING = 0.10
+# Prior correction of a suppress target (docs/edits.md, "Predicted presence"): the planner aims at
+# target − PRIOR_WEIGHT · prior, prior = operators.Geometry.prior_score (cosine in [−1, 1]) of the
+# concept against its preserved concepts. Chosen on validation seeds (experiments/frontier.py).
+PRIOR_WEIGHT = 1.2
 
 
 @dataclass
 class AffectedVector:
     """One changed writer. sith_scale/head_ablation: a singular vector (σ, α on it). head_project:
     a head (index −1; sigma and relevance = the head's share of the concept's write capacity; α =
-    the factor on the concept's component). output_projection: visual.proj (layer = head = −1)."""
+    the factor on the concept's component); head_mlp_project also lists each block's MLP (head =
+    index = −1). output_projection: visual.proj (layer = head = −1)."""
 
     layer: int
     head: int
@@ -281,6 +289,7 @@ class _Planner:
         self.affected: dict[tuple, AffectedVector] = {}
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        self.aimed: dict[tuple[int, str], float] = {}  # (operation, concept) -> the presence aimed at
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -311,14 +320,41 @@ class _Planner:
         self.affected[("v", *key)] = AffectedVector(*key, float(svd.S[key[1], key[2]]), alpha, relevance, i,
                                                     explanation, operator)
 
-    def _heads(self, i: int) -> list[tuple[int, int]]:
+    def _heads(self, i: int, mlps: bool = False) -> list[tuple[int, int]]:
+        """The operation's candidate heads (layer, h), plus its blocks' MLPs (layer, −1) if ``mlps``."""
         heads = self.decomposition[next(iter(self.decomposition))].S.shape[0]
-        return [(layer, h) for layer in self.layers_per_op[i] for h in range(heads)]
+        out = [(layer, h) for layer in self.layers_per_op[i] for h in range(heads)]
+        if mlps:
+            out += [(layer, -1) for layer in self.layers_per_op[i] if layer in self.geometry.mlp]
+        return out
 
-    def _unreachable(self, i: int, op: Operation, best: float, why: str) -> None:
-        self.warnings.append(f"operations[{i}]: target presence {op.target:g} for {op.concepts} is not reachable "
-                             f"with {op.operator} ({why}); the plan goes as far as it can: predicted "
-                             f"{best:.3f}. Try more layers or another operator")
+    def target_for(self, i: int, op: Operation, concept: str, preserve: list[str]) -> float:
+        """The presence the planner aims at: a suppress target lowered by the concept's prior (a concept
+        the tower leans to without evidence must lose more of its writes), never below 0."""
+        target = float(op.target)
+        if op.action != "suppress":
+            return target
+        prior = self.geometry.prior_score(concept, preserve)
+        aimed = target - PRIOR_WEIGHT * prior
+        if abs(aimed - target) > 1e-9:
+            self.notes.append(f"operations[{i}]: {concept!r} leans {prior:+.2f} towards itself against "
+                              f"{len(preserve)} preserved concept(s) with no image evidence (prior); target "
+                              f"presence {target:g} aimed at {max(0.0, min(aimed, 0.99)):.3f}")
+        if aimed < 0:
+            self.warnings.append(f"[prior] operations[{i}]: {concept!r} is the tower's default among its neighbours "
+                                 f"(prior {prior:+.2f}): removing everything it writes may still leave it "
+                                 "recognised; the plan removes all it can, check the effect on data")
+        aimed = max(0.0, min(aimed, 0.99))
+        self.aimed[(i, concept)] = aimed
+        return aimed
+
+    def _unreachable(self, i: int, op: Operation, best: float, why: str, aimed: float | None = None) -> None:
+        goal = f"{op.target:g}" if aimed is None or abs(aimed - op.target) < 1e-9 else \
+            f"{op.target:g} (aimed at {aimed:.3f} for the prior)"
+        hint = " (head_mlp_project also edits the MLPs)" if op.operator == "head_project" else ""
+        self.warnings.append(f"[unreachable] operations[{i}]: target presence {goal} for {op.concepts} is not "
+                             f"reachable with {op.operator} ({why}); the plan goes as far as it can: predicted "
+                             f"{best:.3f}. Try more layers or another operator{hint}")
 
     def _strength(self, op: Operation) -> float:
         if op.strength is not None:
@@ -333,7 +369,7 @@ class _Planner:
             self._sith_scale(i, op, preserve)
         elif op.operator == "head_ablation":
             self._head_ablation(i, op, preserve)
-        elif op.operator == "head_project":
+        elif op.operator in ("head_project", "head_mlp_project"):
             self._head_project(i, op, preserve)
         else:
             self._output_projection(i, op, preserve)
@@ -350,24 +386,29 @@ class _Planner:
         return [direction(c) for c in [*preserve, *[c for c in op.concepts if c != concept]]]
 
     def _head_project(self, i: int, op: Operation, preserve: list[str]) -> None:
-        candidates = self._heads(i)
+        with_mlps = op.operator == "head_mlp_project"
+        if with_mlps and not self.geometry.mlp:
+            raise InvalidInput(f"operations[{i}].operator", "head_mlp_project needs the blocks' MLP outputs, and "
+                               "this plan has none (a tower without MLPs, or no model given); use head_project")
+        candidates = self._heads(i, mlps=with_mlps)
         for concept in op.concepts:
             u = self.geometry.residual_direction(concept)
             pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=False))
             share = self.geometry.head_share(u)
             ranked = sorted(candidates, key=lambda lh: (-share[lh], lh))
             ranked = [lh for lh in ranked if share[lh] > 0]
-            chosen, alpha = self._writers_and_alpha(i, op, ranked, share)
+            target = self.target_for(i, op, concept, preserve) if op.target is not None else None
+            chosen, alpha = self._writers_and_alpha(i, op, ranked, share, target)
             if not chosen:
                 continue
             for layer, head in chosen:
-                self.maps.append(WriteMap("head", layer, head, pair, alpha))
+                self.maps.append(WriteMap("head" if head >= 0 else "mlp", layer, head, pair, alpha))
                 self.affected[("h", layer, head, len(self.maps))] = AffectedVector(
                     layer, head, -1, share[(layer, head)], alpha, share[(layer, head)], i, [(concept, 1.0)],
-                    "head_project")
+                    op.operator)
 
     def _writers_and_alpha(self, i: int, op: Operation, ranked: list[tuple[int, int]],
-                           share: dict) -> tuple[list[tuple[int, int]], float]:
+                           share: dict, aimed: float | None = None) -> tuple[list[tuple[int, int]], float]:
         """Head writers and the factor α they apply along ĝ. presence = 1 − (1 − α)·S(writers)."""
         rule = op.select.rule
         if rule == "top_n":
@@ -391,7 +432,7 @@ class _Planner:
                                f"{op.concepts}; nothing would change")
         if chosen is not None and op.target is None:  # expert override: fixed writers and α
             return chosen, self._strength(op)
-        target = float(op.target)
+        target = float(op.target) if aimed is None else aimed
         if chosen is not None or op.strength is None:
             writers = chosen if chosen is not None else ranked
             covered = sum(share[lh] for lh in writers)
@@ -399,7 +440,8 @@ class _Planner:
             best = 1.0 - (1.0 - _limit(op.action)) * covered
             if not _in_range(op.action, alpha):
                 alpha = _limit(op.action)
-                self._unreachable(i, op, best, f"its writers cover {covered:.2f} of the concept's write capacity")
+                self._unreachable(i, op, best, f"its writers cover {covered:.2f} of the concept's write capacity",
+                                  target)
             return writers, alpha
         alpha = float(op.strength)  # auto writers, fixed α: add heads until the target is met
         chosen, covered = [], 0.0
@@ -511,8 +553,10 @@ class _Planner:
         """Per candidate vector: its share of each concept's write capacity, (σ_j v_jᵀĝ)² / Σ (whole tower)."""
         rows = []
         for concept in concepts:
-            coords = self.geometry.head_coords(self.geometry.residual_direction(concept))
-            total = sum(float((c**2).sum()) for c in coords.values()) or 1.0
+            g = self.geometry.residual_direction(concept)
+            coords = self.geometry.head_coords(g)
+            total = (sum(float((c**2).sum()) for c in coords.values())
+                     + sum(float((c**2).sum()) for c in self.geometry.mlp_coords(g).values())) or 1.0
             rows.append(torch.tensor([float(coords[layer][h, j] ** 2) / total if layer in coords else 0.0
                                       for layer, h, j in self.vectors.keys], dtype=torch.float64))
         stacked = torch.stack(rows)
@@ -537,14 +581,17 @@ def _in_range(action: str, alpha: float) -> bool:
 def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decomposition: dict[int, LayerSVD],
                       vectors: VectorSet | None, layers_per_op: list[list[int]], joint, dictionary,
                       judge: Judge | None = None, *, tower: dict[int, LayerSVD] | None = None,
-                      preserve_weight: float = DEFAULT_PRESERVE_WEIGHT) -> EditPlan:
+                      preserve_weight: float = DEFAULT_PRESERVE_WEIGHT, model=None) -> EditPlan:
     """Plan every operation, resolve conflicts, build the edit and the preview.
 
     ``tower`` is the decomposition of every layer (predicted presence sums over the whole tower);
-    it defaults to ``decomposition``."""
+    it defaults to ``decomposition``. ``model`` (the CLIP or LoadedModel) adds the MLP writers and
+    the prior (operators.tower_writers) to the geometry; without it only heads are known and
+    head_mlp_project is refused."""
     spec.validate()
     judge = judge or DictionaryJudge(dictionary)
-    geometry = Geometry(joint, dictionary, tower or decomposition)
+    mlp, prior = tower_writers(model) if model is not None else (None, None)
+    geometry = Geometry(joint, dictionary, tower or decomposition, mlp, prior)
     planner = _Planner(spec, decomposition, vectors, layers_per_op, joint, dictionary, judge, geometry,
                        preserve_weight)
     preserved: list[list[str]] = []
@@ -556,15 +603,16 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
         planner.plan(i, op, preserved[i])
     multipliers = planner.multipliers(model_hash)
     affected = sorted(planner.affected.values(), key=lambda a: (a.operation, a.layer, a.head, a.index))
-    predicted, warnings = _predicted(spec, geometry, multipliers, preserved, dictionary, planner.warnings)
+    predicted, warnings = _predicted(spec, geometry, multipliers, preserved, dictionary, planner.warnings,
+                                     planner.aimed)
     heads = _head_changes(decomposition, multipliers, affected)
     alignment = _alignment(spec, decomposition, multipliers, heads, joint, dictionary)
     return EditPlan(spec, model_name, model_hash, judge.name, multipliers, affected, heads, alignment,
                     decomposition, planner.notes, predicted, planner.warnings + warnings)
 
 
-def _predicted(spec, geometry, multipliers, preserved, dictionary,
-               planned: list[str]) -> tuple[list[ConceptEffect], list[str]]:
+def _predicted(spec, geometry, multipliers, preserved, dictionary, planned: list[str],
+               aimed: dict | None = None) -> tuple[list[ConceptEffect], list[str]]:
     """The preview's predicted presences, and the warnings the planner has not already given."""
     known = set(dictionary.concepts)
     targets = [c for op in spec.operations for c in op.concepts if c in known]
@@ -573,15 +621,16 @@ def _predicted(spec, geometry, multipliers, preserved, dictionary,
     after = predicted_presence(geometry, multipliers, names)
     effects = [ConceptEffect(c, "target", 1.0, after[c]) for c in dict.fromkeys(targets)]
     effects += [ConceptEffect(c, "preserve", 1.0, after[c]) for c in dict.fromkeys(keep)]
-    warnings = [f"preserved concept {e.concept!r} is predicted to change: presence {e.after:.3f} (1 = untouched)"
-                for e in effects if e.role == "preserve" and abs(e.after - 1.0) > PRESERVE_WARNING]
+    warnings = [f"[preserve] preserved concept {e.concept!r} is predicted to change: presence {e.after:.3f} "
+                "(1 = untouched)" for e in effects if e.role == "preserve" and abs(e.after - 1.0) > PRESERVE_WARNING]
     for i, op in enumerate(spec.operations):
         if op.target is not None:
             for c in op.concepts:
-                if c in after and not _meets(op.action, after[c], op.target) and not any(
+                goal = (aimed or {}).get((i, c), op.target)
+                if c in after and not _meets(op.action, after[c], goal) and not any(
                         f"operations[{i}]" in w for w in planned + warnings):
-                    warnings.append(f"operations[{i}]: {c!r} is predicted at presence {after[c]:.3f}, short of the "
-                                    f"target {op.target:g}")
+                    warnings.append(f"[unreachable] operations[{i}]: {c!r} is predicted at presence "
+                                    f"{after[c]:.3f}, short of the target {goal:g}")
     return effects, warnings
 
 
@@ -596,7 +645,7 @@ def _edited_write(decomposition, multipliers: Multipliers, layer: int, head: int
 def _head_changes(decomposition, multipliers: Multipliers, affected: list[AffectedVector]) -> list[HeadChange]:
     counts: dict[tuple[int, int], int] = {}
     for a in affected:
-        if a.layer >= 0:
+        if a.layer >= 0 and a.head >= 0:
             counts[(a.layer, a.head)] = counts.get((a.layer, a.head), 0) + 1
     out = []
     for (layer, head), n in sorted(counts.items()):
@@ -652,4 +701,4 @@ def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: s
         vectors = vector_set(sub, targets, codes, analyzer.dictionary)
     return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors, layers_per_op,
                              analyzer.joint, analyzer.dictionary, judge, tower=tower,
-                             preserve_weight=preserve_weight)
+                             preserve_weight=preserve_weight, model=loaded.model)

@@ -26,9 +26,10 @@ DEFAULT_AMPLIFY = 1.5
 DEFAULT_TOP_N = 8
 MAX_TOP_N = 100_000
 # Default goals of a target-driven operation (predicted presence, operators.predicted_presence).
-# The suppress level was chosen on validation seeds so that the default command removes the
-# concept on the testbed (experiments/frontier.py; docs/edits.md "Frontier").
-DEFAULT_SUPPRESS_TARGET = 0.15
+# The suppress level (with plan.PRIOR_WEIGHT and operators.DEFAULT_OPERATOR) was chosen on
+# validation seeds so that the default command removes the concept on the testbed with the least
+# collateral (experiments/frontier.py; docs/edits.md "Frontier").
+DEFAULT_SUPPRESS_TARGET = 0.2
 DEFAULT_FLIP_TARGET = -1.0
 MAX_PRESERVE = 256
 
@@ -146,7 +147,8 @@ class Operation:
 
     Target-driven (``select.rule == "auto"``, or an explicit rule with a ``target``): the planner
     picks writers and/or solves α until the concept's predicted presence reaches ``target``
-    (suppress: a level in [0, 1), default 0.15; amplify: a factor > 1, default the strength or 1.5;
+    (suppress: a level in [0, 1), default 0.2, aimed lower or higher by the concept's prior;
+    amplify: a factor > 1, default the strength or 1.5;
     flip: a level < 0, default −1). With an explicit rule and no target, α defaults as before
     (suppress 0, amplify 1.5, flip −1): the expert override. ``preserve`` names concepts the plan
     must not move; ``preserve_neighbours`` adds the concepts' dictionary neighbours (plan.py).

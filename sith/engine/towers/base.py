@@ -120,6 +120,15 @@ class TowerAdapter:
     def write_mlp_output(self, layer: int, w_folded: Tensor) -> None:
         self.access(layer).write_mlp_output(w_folded)
 
+    def mlp_input(self, layer: int) -> tuple[nn.Module, nn.Linear, nn.Module] | None:
+        """(LayerNorm, input Linear, activation) of block ``layer``'s MLP, or None where it is not that shape."""
+        return self.access(layer).mlp_in()
+
+    def readout_start(self) -> Tensor | None:
+        """The read-out token's image-independent start [d] (class embedding + its position, through any
+        pre-norm), or None where the read-out has no such token (MAP heads, mean pooling)."""
+        return None
+
     # ---------------------------------------------------------------- joint space
     def joint_pieces(self) -> tuple[nn.Module, Tensor | None, Tensor | None]:
         """(readout [B, d] -> [B, D'], final projection [D', D] or None, linear part [d, D] for the inverse)."""

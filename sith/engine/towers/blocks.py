@@ -69,6 +69,11 @@ class BlockAccess:
     def mlp_scale(self) -> Tensor | None:
         return None
 
+    def mlp_in(self) -> tuple[nn.Module, nn.Linear, nn.Module] | None:
+        """(reading norm, input Linear, activation) of the MLP, where it is a plain norm → Linear →
+        activation → Linear (the data-free write-strength estimate of sith.edits needs them), else None."""
+        return None
+
     # ---------------------------------------------------------------- shared maths
     def _out_scale(self) -> tuple[Tensor | None, Tensor | None]:
         inner = self.inner_scale()
@@ -180,6 +185,14 @@ class BlockAccess:
         fc.weight.copy_(new.T.to(fc.weight.dtype))
 
 
+def _mlp_in(block: nn.Module, norm: str, fc: str, act: str) -> tuple[nn.Module, nn.Linear, nn.Module] | None:
+    mlp = getattr(block, "mlp", None)
+    parts = (getattr(block, norm, None), getattr(mlp, fc, None), getattr(mlp, act, None))
+    if not isinstance(parts[0], nn.LayerNorm) or not isinstance(parts[1], nn.Linear) or parts[2] is None:
+        return None  # SwiGLU, BatchNorm readers, …: no plain LN → Linear → activation
+    return parts
+
+
 def _gamma(module: nn.Module | None) -> Tensor | None:
     if module is None:
         return None
@@ -218,6 +231,9 @@ class MHABlock(BlockAccess):
 
     def mlp_out(self):
         return getattr(getattr(self.block, "mlp", None), "c_proj", None)
+
+    def mlp_in(self):
+        return _mlp_in(self.block, "ln_2", "c_fc", "gelu")
 
     def mlp_scale(self):
         return _gamma(getattr(self.block, "ls_2", None))
@@ -271,6 +287,9 @@ class TimmBlock(BlockAccess):
 
     def mlp_out(self):
         return getattr(getattr(self.block, "mlp", None), "fc2", None)
+
+    def mlp_in(self):
+        return _mlp_in(self.block, "norm2", "fc1", "act")
 
     def mlp_scale(self):
         ls = getattr(self.block, "ls2", None)
@@ -328,6 +347,9 @@ class HFBlock(BlockAccess):
 
     def mlp_out(self):
         return getattr(getattr(self.block, "mlp", None), "fc2", None)
+
+    def mlp_in(self):
+        return _mlp_in(self.block, "layer_norm2", "fc1", "activation_fn")
 
 
 def block_access(block: nn.Module) -> BlockAccess:

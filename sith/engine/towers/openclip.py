@@ -32,6 +32,14 @@ class OpenClipViT(TowerAdapter):
             self.family = "open_clip-vit-pooled"
             self.joint_note = "exact: pooling of identical tokens returns v, then ln_post and proj"
 
+    @torch.no_grad()
+    def readout_start(self) -> Tensor | None:
+        visual = self.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            return None
+        start = visual.class_embedding + visual.positional_embedding[0]
+        return visual.ln_pre(start.reshape(1, -1)).reshape(-1)
+
     def _pool(self, vectors: Tensor) -> Tensor:
         visual = self.visual
         tokens = vectors[:, None, :].expand(-1, 2, -1)  # pooling of identical tokens returns v
