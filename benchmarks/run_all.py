@@ -45,6 +45,7 @@ PLAN: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "service-load": ("bench_service_load.py", [], [], ["--requests", "300", "--duration", "20", "--reps", "10"]),
     "hardening": ("bench_hardening.py", [], [], ["--quick"]),
     "download": ("bench_download.py", [], [], ["--mib", "32", "--repeats", "2"]),
+    "embed-images": ("bench_embed_images.py", [], [], ["--repeats", "3"]),
 }
 HEADLINE_WORDS = ("x ", "x)", "ratio", "speed-up", "warm / cold", "per work", "target", "not run", "failed")
 

@@ -37,6 +37,9 @@ DOWNLOAD_TIMEOUT = 600.0
 WATCH_WINDOW = 60.0          # re-open WatchOperation at least this often (server bounds streams too)
 POLL_INTERVAL = (0.2, 2.0)   # polling fallback when the server lacks WatchOperation
 DOWNLOAD_CHUNK = 8 << 20     # bytes per DownloadEdit message (the channel accepts 16 MiB)
+# download(transport=): "auto" = the server's signed HTTP URL when it offers one, else (or when that
+# fails part-way) the DownloadEdit stream; "grpc" = the stream only; "http" = fail if HTTP is not offered.
+TRANSPORTS = ("auto", "grpc", "http")
 
 
 def checked(request: Message) -> Message:
@@ -175,6 +178,25 @@ class BaseClient:
     @staticmethod
     def _download_request(name: str, offset: int) -> pb.DownloadEditRequest:
         return checked(pb.DownloadEditRequest(name=name, offset=offset, chunk_bytes=DOWNLOAD_CHUNK))
+
+    @staticmethod
+    def _check_transport(transport: str) -> None:
+        if transport not in TRANSPORTS:
+            raise invalid_argument("transport", f"expected one of {', '.join(TRANSPORTS)}, got {transport!r}")
+
+    def _http_fetch(self, offer: pb.DownloadUrl, d: Any, timeout: float) -> bool:
+        """Fetch ``offer.url`` into ``d``; False (and ``d.written`` bytes kept) when gRPC must finish it."""
+        from ._http_download import HttpUnavailable, fetch
+
+        if not offer.url:
+            return False
+        try:
+            fetch(offer.url, d, grpc_address=self.connection.address, filename=offer.artifact.filename,
+                  size=offer.artifact.size_bytes, sha256=offer.artifact.sha256, timeout=timeout,
+                  root_certificates=self.connection.root_certificates, server_name=self.connection.server_name)
+        except HttpUnavailable:
+            return False
+        return True
 
     # ---- embeddings ---------------------------------------------------------------------------
     @staticmethod

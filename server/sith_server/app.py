@@ -18,6 +18,7 @@ from sith_server import images
 from sith_server.auth import AuthInterceptor, read_tokens
 from sith_server.config import ServerConfig
 from sith_server.deps import Deps
+from sith_server.downloads import DownloadEndpoint, Signer
 from sith_server.errors import ErrorInterceptor
 from sith_server.health import SERVICES, HealthMonitor
 from sith_server.interceptors import CallGuard, Gate
@@ -64,6 +65,8 @@ class SithServer:
         self.gc.start()
         if self.config.metrics_port:
             self.metrics_port = self.deps.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
+        if self.deps.downloads is not None:
+            self.deps.downloads.start()
         log.info("sith gRPC server on port %d%s", self.port,
                  f", metrics on :{self.metrics_port}" if self.metrics_port else "")
         return self
@@ -80,6 +83,8 @@ class SithServer:
         self.health.shutdown()
         self.gc.stop()
         self.server.stop(grace).wait()
+        if self.deps.downloads is not None:
+            self.deps.downloads.stop()
         self.deps.metrics.stop_serving()
 
     def wait(self) -> None:
@@ -132,6 +137,12 @@ def build(config: ServerConfig, *, redis_client: redis.Redis | None = None, runt
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     port = _bind(server, config)
+    if config.download_port is not None:   # bound last: nothing after it can fail and leak its socket
+        deps.downloads = DownloadEndpoint(
+            deps.edits, host=config.download_bind, port=config.download_port, signer=Signer(config.download_secret),
+            max_streams=config.limits.max_streams, ttl_s=config.download_url_ttl_s,
+            base_url=config.download_base_url,
+            tls=(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None)
     return SithServer(config, deps, server, health, port)
 
 

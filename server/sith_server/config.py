@@ -169,6 +169,16 @@ class ServerConfig:
                                              # "default" (English words), "testbed", or a word-list file
     metrics_host: str | None = None          # None = the gRPC host (never wider than the API)
     limits: Limits = field(default_factory=Limits)
+    # Edit downloads over HTTP(S) with signed URLs (sith_server.downloads); None = off, 0 = any free port.
+    download_port: int | None = None
+    download_host: str | None = None         # None = the gRPC host
+    download_base_url: str | None = None     # what clients are told, e.g. https://sith.example.com:8443
+    download_secret: bytes | None = field(default=None, repr=False)  # None = random per process
+    download_url_ttl_s: int = 300
+
+    @property
+    def download_bind(self) -> str:
+        return self.download_host or grpc_host(self.grpc_address)
 
     @property
     def metrics_bind(self) -> str:
@@ -200,6 +210,11 @@ class ServerConfig:
             vocabulary=_vocabulary(env),
             metrics_host=env.get("SITH_METRICS_HOST", "").strip() or None,
             limits=Limits.from_env(env),
+            download_port=_int(env, "SITH_DOWNLOAD_PORT", 0) if env.get("SITH_DOWNLOAD_PORT", "").strip() else None,
+            download_host=env.get("SITH_DOWNLOAD_HOST", "").strip() or None,
+            download_base_url=env.get("SITH_DOWNLOAD_URL_BASE", "").strip() or None,
+            download_secret=env.get("SITH_DOWNLOAD_SECRET", "").strip().encode() or None,
+            download_url_ttl_s=_int(env, "SITH_DOWNLOAD_URL_TTL_S", 300, minimum=10),
         )
 
     def check(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import redis
 
 from sith_server.config import ServerConfig
+from sith_server.downloads import DownloadEndpoint
 from sith_server.metrics import Metrics
 from sith_server.runtime import ModelRuntime
 from sith_server.vocabulary import Vocabulary
@@ -25,3 +26,4 @@ class Deps:
     vocabulary: Vocabulary
     metrics: Metrics
     stopping: threading.Event = field(default_factory=threading.Event)
+    downloads: DownloadEndpoint | None = None   # signed-URL HTTP downloads, when SITH_DOWNLOAD_PORT is set

@@ -571,6 +571,22 @@ class DownloadEditRequest(_message.Message):
     chunk_bytes: int
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
+class GetDownloadUrlRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DownloadUrl(_message.Message):
+    __slots__ = ("url", "expire_time", "artifact")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    expire_time: _timestamp_pb2.Timestamp
+    artifact: Artifact
+    def __init__(self, url: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ...) -> None: ...
+
 class CheckpointChunk(_message.Message):
     __slots__ = ("data", "offset", "total_bytes", "sha256", "filename")
     DATA_FIELD_NUMBER: _ClassVar[int]

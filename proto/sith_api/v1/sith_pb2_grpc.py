@@ -361,6 +361,11 @@ class EditsStub:
                 request_serializer=sith_dot_v1_dot_sith__pb2.DownloadEditRequest.SerializeToString,
                 response_deserializer=sith_dot_v1_dot_sith__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
+        self.GetDownloadUrl = channel.unary_unary(
+                '/sith.v1.Edits/GetDownloadUrl',
+                request_serializer=sith_dot_v1_dot_sith__pb2.GetDownloadUrlRequest.SerializeToString,
+                response_deserializer=sith_dot_v1_dot_sith__pb2.DownloadUrl.FromString,
+                _registered_method=True)
 
 
 class EditsServicer:
@@ -411,6 +416,15 @@ class EditsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDownloadUrl(self, request, context):
+        """A short-lived URL for the same checkpoint over plain HTTP(S) GET (with Range for resume),
+        when the server runs its download endpoint (SITH_DOWNLOAD_PORT); `url` is empty otherwise,
+        and clients use DownloadEdit. The URL is signed for the caller's tenant and this edit only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EditsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -443,6 +457,11 @@ def add_EditsServicer_to_server(servicer, server):
                     servicer.DownloadEdit,
                     request_deserializer=sith_dot_v1_dot_sith__pb2.DownloadEditRequest.FromString,
                     response_serializer=sith_dot_v1_dot_sith__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'GetDownloadUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDownloadUrl,
+                    request_deserializer=sith_dot_v1_dot_sith__pb2.GetDownloadUrlRequest.FromString,
+                    response_serializer=sith_dot_v1_dot_sith__pb2.DownloadUrl.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +629,33 @@ class Edits:
             '/sith.v1.Edits/DownloadEdit',
             sith_dot_v1_dot_sith__pb2.DownloadEditRequest.SerializeToString,
             sith_dot_v1_dot_sith__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDownloadUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sith.v1.Edits/GetDownloadUrl',
+            sith_dot_v1_dot_sith__pb2.GetDownloadUrlRequest.SerializeToString,
+            sith_dot_v1_dot_sith__pb2.DownloadUrl.FromString,
             options,
             channel_credentials,
             insecure,

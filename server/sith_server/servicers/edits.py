@@ -249,6 +249,16 @@ class EditsServicer(pb_grpc.EditsServicer):
             Path(record.path).unlink(missing_ok=True)
         return pb.DeleteEditResponse()
 
+    def GetDownloadUrl(self, request, context):
+        record = self.ready(request.name)
+        out = pb.DownloadUrl(artifact=record.edit.artifact)
+        endpoint = self.deps.downloads
+        if endpoint is not None:
+            url, expires = endpoint.url(record.tenant, record.id)
+            out.url = url
+            out.expire_time.FromSeconds(expires)
+        return out
+
     def DownloadEdit(self, request, context):
         record = self.ready(request.name)
         artifact = record.edit.artifact
