@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ground_truth_data import TEST_SEED, VALIDATION_SEED, Truth, WorldActivations, cached_collect, ground_truth  # noqa: E402
 
+from sith.engine.analysis import DEFAULT_SHARED_DIRECTIONS, remove_shared, shared_directions  # noqa: E402
 from sith.engine.decomposition import decompose_layer  # noqa: E402
 from sith.engine.dictionary import build_dictionary  # noqa: E402
 from sith.engine.jointspace import JointSpace, directions_mean, null_image_mean, poles_mean  # noqa: E402
@@ -103,13 +104,31 @@ def linear_map(loaded):
     return apply
 
 
+def shared_removed(loaded, mapping, count: int = DEFAULT_SHARED_DIRECTIONS):
+    """``mapping`` followed by the engine's removal of the tower's ``count`` shared directions (the
+    top principal directions of both poles of every mapped vector of every layer;
+    ``sith.engine.analysis.coding_targets``)."""
+    blocks = loaded.model.visual.transformer.resblocks
+    every = torch.cat([decompose_layer(block, loaded.info.heads, layer).V.transpose(1, 2).reshape(-1, loaded.info.width)
+                       for layer, block in enumerate(blocks)]).float()
+    basis = shared_directions(torch.cat([mapping(every), mapping(-every)]), count)
+
+    def apply(vectors: Tensor) -> Tensor:
+        return remove_shared(mapping(vectors), basis)
+
+    return apply
+
+
 def maps_for(loaded, real_mean: Tensor) -> dict[str, object]:
-    """Name -> callable [V, d] -> [V, D]: every image-mean candidate plus the differential map."""
+    """Name -> callable [V, d] -> [V, D]: every image-mean candidate plus the differential map and
+    the default "poles" mean with the tower's shared directions removed ("poles-shared")."""
     space = lambda mean: JointSpace.for_model(loaded, mean).map  # noqa: E731
+    poles = space(poles_mean(loaded))
     return {
         "none": space(None),
         "directions": space(directions_mean(loaded)),
-        "poles": space(poles_mean(loaded)),
+        "poles": poles,
+        "poles-shared": shared_removed(loaded, poles),
         "null-images": space(null_image_mean(loaded)),
         "real": space(real_mean),
         "linear": linear_map(loaded),
@@ -342,8 +361,9 @@ VOCABULARIES = {
     "world+learnt (default)": lambda: testbed_vocabulary(),
 }
 BEFORE = ("world+200 English (before)", "directions", "comp")
-DEFAULT = ("world+learnt (default)", "poles", "specific")
-MAPS = ("none", "directions", "poles", "null-images", "real", "linear", "pushforward", "oracle")
+PREVIOUS = ("world+learnt (default)", "poles", "specific")  # the default before the shared directions went
+DEFAULT = ("world+learnt (default)", "poles-shared", "specific")
+MAPS = ("none", "directions", "poles", "poles-shared", "null-images", "real", "linear", "pushforward", "oracle")
 
 
 def _explain(t: Tower, maps: dict, oracle: Tensor, map_name: str, atoms: Tensor, words: list[str], coder: str) -> Explained:
@@ -371,7 +391,7 @@ def run_model(name: str, n: int, per_head: int, quick: bool = False, log=print) 
     oracles = {s: oracle_directions(studied_activations(t, d), d.embeddings) for s, d in splits.items()}
     vocabs = {v: build_dictionary(loaded, make()) for v, make in VOCABULARIES.items()}
     coders = ("comp", "specific") if quick else CODERS
-    map_names = ("directions", "poles", "oracle") if quick else MAPS
+    map_names = ("directions", "poles", "poles-shared", "oracle") if quick else MAPS
     results: dict = {"model": name, "n_images": n, "per_head": per_head, "vectors": len(t.rows),
                      "layers": len(t.layers), "seeds": {"validation": VALIDATION_SEED, "test": TEST_SEED},
                      "truth": {}, "settings": [], "mean_agreement": {}}
@@ -398,7 +418,7 @@ def run_model(name: str, n: int, per_head: int, quick: bool = False, log=print) 
         for map_name in map_names:
             for coder in coders:
                 setting = (vocab_name, map_name, coder)
-                if quick and setting not in (BEFORE, DEFAULT) and vocab_name != DEFAULT[0]:
+                if quick and setting not in (BEFORE, PREVIOUS, DEFAULT) and vocab_name != DEFAULT[0]:
                     continue
                 row = {"vocabulary": vocab_name, "map": map_name, "coder": coder}
                 for split, truth in truths.items():
@@ -407,6 +427,10 @@ def run_model(name: str, n: int, per_head: int, quick: bool = False, log=print) 
                     row[split]["chance"] = chance(ex.top_pos, truth, truth.carrying)
                 results["settings"].append(row)
         log(f"[{name}] {vocab_name}: done ({time.time() - started:.0f} s)")
+    from ground_truth_levers import measure_levers  # the levers cost seconds: quick runs (tests) measure them too
+
+    results["levers"] = measure_levers(sys.modules[__name__], loaded, t, maps["poles"], default_vocab, truths,
+                                       log=lambda msg: log(f"[{name}]{msg} ({time.time() - started:.0f} s)"))
     # Confidence: features and correctness of the default explanations on each split.
     results["confidence"] = {}
     for split, truth in truths.items():
@@ -477,22 +501,25 @@ def tables(results: dict, confidence: dict) -> str:
                   f"({r['vectors']} vectors). Vectors carrying a factor (η² ≥ 0.2): "
                   + "; ".join(f"{s} {v['carrying']} ({', '.join(f'{f} {c}' for f, c in sorted(v['factors'].items()))})"
                               for s, v in r["truth"].items()), ""]
-        before, default = _find(r, BEFORE), _find(r, DEFAULT)
+        before, previous, default = _find(r, BEFORE), _find(r, PREVIOUS), _find(r, DEFAULT)
         best_oracle = max((x for x in r["settings"] if x["map"] == "oracle"), key=lambda x: x["validation"]["all"]["value"])
         lines += ["### Before / after (TEST seed, % of factor-carrying vectors; chance in brackets)", "",
                   "| setting | factor | value | value, last 4 | −pole value | right value in K | distractor top-1 |",
                   "|---|---|---|---|---|---|---|"]
         for label, row in (("before: world+200 English, directions mean, COMP", before),
-                           ("after (default): world+learnt, poles mean, specific", default),
+                           ("previous default: world+learnt, poles mean, specific", previous),
+                           ("after (default): world+learnt, poles mean, shared directions removed, specific", default),
                            (f"ceiling: oracle read-out ({best_oracle['vocabulary']}, {best_oracle['coder']})", best_oracle)):
             a, c = row["test"]["all"], row["test"]["chance"]
             lines.append(f"| {label} | {_pct(a['factor'])} ({_pct(c['factor'])}) | {_pct(a['value'])} ({_pct(c['value'])}) | "
                          f"{_pct(row['test']['last4']['value'])} | {_pct(a['neg_value'])} | {_pct(a['in_k'])} | {_pct(a['distractor'])} |")
         lines += ["", "Per layer, value agreement (test): " + "; ".join(
             f"{label} " + " ".join(f"L{l} {_pct(v['value'])}" for l, v in row["test"]["per_layer"].items())
-            for label, row in (("before", before), ("after", default), ("oracle", best_oracle))), ""]
+            for label, row in (("before", before), ("previous", previous), ("after", default), ("oracle", best_oracle))), ""]
         lines += ["Precision per named factor (test, after): " + "; ".join(
             f"{f} {v['factor_right']:.2f} of {v['named']}" for f, v in default["test"]["precision"].items()),
+            "Precision per named factor (test, previous default): " + "; ".join(
+            f"{f} {v['factor_right']:.2f} of {v['named']}" for f, v in previous["test"]["precision"].items()),
             "Precision per named factor (test, before): " + "; ".join(
             f"{f} {v['factor_right']:.2f} of {v['named']}" for f, v in before["test"]["precision"].items()), ""]
         lines += ["### Every setting (value agreement %, all layers / last four)", "",
@@ -503,6 +530,19 @@ def tables(results: dict, confidence: dict) -> str:
             lines.append(f"| {row['vocabulary']} | {row['map']} | {row['coder']} | {_pct(v['all']['value'])} | "
                          f"{_pct(v['last4']['value'])} | {_pct(t['all']['value'])} | {_pct(t['last4']['value'])} | "
                          f"{_pct(t['all']['factor'])} | {_pct(t['all']['distractor'])} |")
+        if r.get("levers"):
+            lines += ["", "### Levers beyond the grid (`ground_truth_levers.py`; specific coder, world+learnt vocabulary)", "",
+                      "Value agreement %; choose on validation, read test. Precision: share of the vectors named by "
+                      "a shape / colour word whose truth is that factor (test).", "",
+                      "| lever | setting | val all | val last 4 | val factor | test all | test last 4 | test factor | "
+                      "shape precision | colour precision |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for row in r["levers"]:
+                v, t = row["validation"], row["test"]
+                prec = lambda f: (f"{t['precision'][f]['factor_right']:.2f} of {t['precision'][f]['named']}"  # noqa: E731
+                                  if f in t["precision"] else "–")
+                lines.append(f"| {row['lever']} | {row['setting']} | {_pct(v['all']['value'])} | {_pct(v['last4']['value'])} | "
+                             f"{_pct(v['all']['factor'])} | {_pct(t['all']['value'])} | {_pct(t['last4']['value'])} | "
+                             f"{_pct(t['all']['factor'])} | {prec('shape')} | {prec('colour')} |")
         lines += ["", "### Data-free image means against the real image mean (validation images)", "",
                   "| candidate | cosine to the real mean | COMP top-1 same as with the real mean |", "|---|---|---|"]
         for name, m in r["mean_agreement"].items():
@@ -541,7 +581,8 @@ def plot(results: dict, confidence: dict, path: Path) -> None:
     for ax, model in zip(axes, models):
         r = results[model]
         best_oracle = max((x for x in r["settings"] if x["map"] == "oracle"), key=lambda x: x["validation"]["all"]["value"])
-        for label, row, style in (("before", _find(r, BEFORE), "o--"), ("after (default)", _find(r, DEFAULT), "s-"),
+        for label, row, style in (("before", _find(r, BEFORE), "o--"), ("previous default", _find(r, PREVIOUS), "d-."),
+                                  ("after (default)", _find(r, DEFAULT), "s-"),
                                   ("oracle read-out", best_oracle, "^:")):
             layers = list(row["test"]["per_layer"])
             ax.plot([int(x) for x in layers], [row["test"]["per_layer"][x]["value"] for x in layers], style, label=label)

@@ -101,7 +101,7 @@ def test_find_ranks_by_coefficient_plus_cosine(analyzer, dictionary) -> None:
         rank = analyzer.decomposition([hit.layer])[hit.layer].S.shape[1]
         row = hit.head * rank + hit.index
         codes = analyzer.codes(hit.layer)
-        cos = analyzer.targets(hit.layer)[row] @ queries.T
+        cos = analyzer.coding_targets(hit.layer)[row] @ queries.T
         coef = torch.stack([codes.coefficients[row][codes.indices[row] == dictionary.index(c)].sum()
                             for c in ("dog", "boat")])
         total = coef + cos
@@ -131,7 +131,7 @@ def test_free_text_is_scored_by_cosine(analyzer, loaded, dictionary) -> None:
     hit = analyzer.find(["a red sports car"], layers=[2], top=1, free_text=True)[0]
     embedding = F.normalize(encode_texts(loaded, ["a red sports car"]), dim=-1)
     query = F.normalize(embedding - dictionary.embeddings.mean(0, keepdim=True), dim=-1)[0]
-    best = (analyzer.targets(2) @ query).max()
+    best = (analyzer.coding_targets(2) @ query).max()
     assert hit.coefficient == 0.0
     assert hit.score == pytest.approx(float(best), abs=1e-5)
 
@@ -170,14 +170,14 @@ def test_cache_memoises_by_content_key(loaded, dictionary) -> None:
     cache = MemoryCache()
     first = Analyzer(loaded, dictionary, cache=cache).explain(layers=[2], k=3)
     # the SVDs of all 3 layers (the default "specific" coder standardises over the whole tower),
-    # the data-free image mean, the per-atom statistics and the codes
-    assert len(cache) == 6
+    # the data-free image mean, the shared directions, the per-atom statistics and the codes
+    assert len(cache) == 7
     # Double the cached coefficients: a fresh analyzer must serve them instead of recomputing.
     key = next(k for k in cache._items if "/codes-" in k)
     tensors = tensors_from_bytes(cache.get(key))
     cache.put(key, tensors_to_bytes({**tensors, "coefficients": 2 * tensors["coefficients"]}))
     again = Analyzer(loaded, dictionary, cache=cache).explain(layers=[2], k=3)
-    assert len(cache) == 6
+    assert len(cache) == 7
     first_coefs = [c for s in first for v in s.vectors for _, c in v.concepts]
     again_coefs = [c for s in again for v in s.vectors for _, c in v.concepts]
     assert again_coefs == pytest.approx([2 * c for c in first_coefs], abs=3e-6)
@@ -189,14 +189,15 @@ def test_cache_memoises_by_content_key(loaded, dictionary) -> None:
 
 
 def test_default_method_is_specific_coding_over_the_tower(analyzer, dictionary, loaded) -> None:
+    from sith.engine.analysis import remove_shared
     from sith.engine.sparse import DEFAULT_METHOD, atom_statistics, specific_codes
 
     assert DEFAULT_METHOD == "specific"
     layers = range(loaded.info.layers)
     population = torch.cat([analyzer.targets(l) for l in layers] + [analyzer._negative_targets(l) for l in layers])
-    stats = atom_statistics(population, dictionary.centred)
+    stats = atom_statistics(remove_shared(population, analyzer.shared_basis()), dictionary.centred)
     torch.testing.assert_close(analyzer.atom_stats()[0], stats[0])
-    expected = specific_codes("topk", analyzer.targets(1), dictionary.centred, stats, k=4)
+    expected = specific_codes("topk", analyzer.coding_targets(1), dictionary.centred, stats, k=4)
     got = analyzer.codes(1, k=4)
     assert torch.equal(got.indices, expected.indices)
 
@@ -227,7 +228,7 @@ def test_explanation_features_are_those_of_the_first_concept(analyzer, dictionar
     from sith.engine.analysis import explanation_features
 
     codes = analyzer.codes(2, method="comp", k=3)
-    targets = analyzer.targets(2)
+    targets = analyzer.coding_targets(2)
     feats = explanation_features(codes, targets, dictionary.centred, analyzer.atom_stats())
     cos = targets @ dictionary.centred.T
     first = codes.indices[:, 0]
@@ -236,3 +237,49 @@ def test_explanation_features_are_those_of_the_first_concept(analyzer, dictionar
     mean, scale = analyzer.atom_stats()
     torch.testing.assert_close(feats[:, 1], (feats[:, 2] - mean[first]) / scale[first])
     assert bool((feats[:, 3] <= feats[:, 2] + 2).all())
+
+
+def test_coding_targets_drop_the_towers_shared_directions(analyzer, loaded, dictionary) -> None:
+    from sith.engine.analysis import DEFAULT_SHARED_DIRECTIONS, shared_directions
+
+    layers = range(loaded.info.layers)
+    population = torch.cat([analyzer.targets(l) for l in layers] + [analyzer._negative_targets(l) for l in layers])
+    basis = analyzer.shared_basis()
+    assert basis.shape == (DEFAULT_SHARED_DIRECTIONS, loaded.info.output_dim) == (2, loaded.info.output_dim)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(2), atol=1e-5, rtol=0)
+    # The basis spans the top principal directions of the centred population.
+    centred = population.double() - population.double().mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[:2].float()
+    torch.testing.assert_close((top @ basis.T).abs().sum(dim=1), torch.ones(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared_directions(population, 2), basis, atol=1e-5, rtol=0)
+    coded = analyzer.coding_targets(1)
+    torch.testing.assert_close(coded @ basis.T, torch.zeros(coded.shape[0], 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(coded.norm(dim=1), torch.ones(coded.shape[0]))
+    expected = F.normalize(analyzer.targets(1) - (analyzer.targets(1) @ basis.T) @ basis, dim=-1)
+    torch.testing.assert_close(coded, expected)
+
+
+def test_shared_zero_codes_the_papers_mapped_directions(loaded, dictionary) -> None:
+    from sith.engine.sparse import encode
+
+    plain = Analyzer(loaded, dictionary, shared=0, cache=MemoryCache())
+    assert plain.shared_basis().shape[0] == 0
+    torch.testing.assert_close(plain.coding_targets(2), plain.targets(2))
+    # The paper's coders always code the plain mapped directions.
+    shared = Analyzer(loaded, dictionary, cache=MemoryCache())
+    for method in ("comp", "nnomp", "topk", "mp"):
+        assert shared.coding_targets(2, method) is shared.targets(2)
+    expected = encode("comp", plain.targets(2), dictionary.centred, k=3)
+    assert torch.equal(shared.codes(2, "comp", k=3).indices, expected.indices)
+    # specific codes under different shared counts never share a cache entry.
+    cache = MemoryCache()
+    Analyzer(loaded, dictionary, shared=0, cache=cache).codes(2, k=3)
+    Analyzer(loaded, dictionary, shared=2, cache=cache).codes(2, k=3)
+    assert len([k for k in cache._items if "/codes-" in k]) == 2
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2", 10_000])
+def test_shared_must_be_a_small_non_negative_integer(loaded, dictionary, bad) -> None:
+    with pytest.raises(InvalidInput) as info:
+        Analyzer(loaded, dictionary, shared=bad)
+    assert info.value.field == "shared"

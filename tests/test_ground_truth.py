@@ -91,5 +91,14 @@ def test_harness_end_to_end_on_testbed_small(tmp_path, monkeypatch) -> None:
     assert after["distractor"] <= 0.2  # no unlearnt words in the default vocabulary
     text = (out / "tables.md").read_text()
     assert "Before / after" in text and "testbed-small" in text
+    # The default explains the mapped vectors without the tower's shared directions; the levers are measured.
+    assert harness.DEFAULT[1] == "poles-shared" and harness.PREVIOUS[1] == "poles"
+    assert "Levers beyond the grid" in text and "previous default" in text
+    levers = {(row["lever"], row["setting"]): row for row in r["levers"]}
+    assert {lever for lever, _ in levers} == {"reference", "(f) prompt ensembles", "(g) per-factor calibration",
+                                              "(h) shared directions", "(i) read side"}
+    default_row = levers[("reference", "default (poles, shared directions removed, specific)")]
+    assert default_row["test"]["all"] == after  # the lever reference is the harness default
+    assert levers[("(h) shared directions", "remove top 2 (whole tower)")]["test"]["all"] == after
     conf = result["confidence"]["models"]["testbed-small"]["test"]
     assert 0.0 <= conf["mean_confidence"] <= 1.0

@@ -70,7 +70,8 @@ def analysis_options(command: Callable) -> Callable:
         click.option("--layer", "-l", "layers", type=int, multiple=True,
                      help="Layer to analyse (repeatable; negative counts from the end). Default: the last four."),
         click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-                     help="Sparse coder: specific (top-k by specificity, the measured default), COMP (the "
+                     help="Sparse coder: specific (top-k by specificity, the tower's 2 shared directions removed; the "
+                          "measured default), COMP (the "
                           "paper's), non-negative OMP, top-k cosine or matching pursuit."),
         click.option("--min-confidence", type=float, default=0.0, show_default=True,
                      help="Hide explanations (find: hits) whose confidence is below this (0..1)."),
