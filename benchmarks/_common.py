@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -128,3 +129,11 @@ def run_child(script: str | os.PathLike, args: list[str], env: dict[str, str] | 
     if done.returncode != 0:
         raise ChildFailed(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(text: str, record: bool) -> None:
+    """Print a benchmark's Markdown section; with ``record``, also append it to benchmarks/RESULTS.md."""
+    print(text)
+    if record:
+        with (Path(__file__).resolve().parent / "RESULTS.md").open("a") as f:
+            f.write("\n" + text)

@@ -79,6 +79,8 @@ def local_copy(path: Path, out: Path, chunk: int) -> int:
 
 
 def main() -> None:
+    from _common import report
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="artifact size in MiB")
     parser.add_argument("--repeats", type=int, default=5)
@@ -280,11 +282,7 @@ def main() -> None:
               f"gRPC ceiling (no file, no protobuf): "
               f"{median['gRPC ceiling (static message, no file)'] / local:.0%}. HTTP / gRPC stream: "
               f"{median['HTTP (signed URL)'] / median['gRPC stream']:.1f}×.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
-            f.write("\n" + text)
+    report("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 
@@ -56,7 +55,7 @@ def make_images(n: int, size: int, seed: int = 0) -> list[bytes]:
 
 
 def main() -> None:
-    from _common import machine, setup
+    from _common import machine, report, setup
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32")
@@ -147,11 +146,7 @@ def main() -> None:
                      f"{min(wall[label]):.3f} |")
     lines += ["", f"Service / in-process: **{ratio_cpu:.2f}×** CPU, {ratio_wall:.2f}× wall (target ≤ 1.2×: "
               f"{'met' if ratio_cpu <= 1.2 else 'MISSED'}); max |embedding difference| {diff:.1e}.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
-            f.write("\n" + text)
+    report("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

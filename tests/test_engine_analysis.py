@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,14 +11,11 @@ from sith.engine.cache import MemoryCache
 from sith.engine.decomposition import decompose_layer
 from sith.engine.dictionary import build_dictionary
 from sith.engine.errors import InvalidInput
-from sith.engine.models import LoadedModel, vision_hash, vision_info
+from sith.engine.models import LoadedModel
 from sith.engine.sparse import comp
 
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
+from analysis_fixtures import analysis_model
+
 WORDS = [
     "red", "blue", "green", "yellow", "dog", "cat", "horse", "bird", "car", "boat", "train", "plane",
     "beach", "forest", "city", "mountain", "kitchen", "street", "metal", "wood", "glass", "paper",
@@ -30,12 +26,7 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CFG).eval().requires_grad_(False)
-    with torch.no_grad():
-        model.visual.ln_post.bias.normal_(0, 0.1)
-    return LoadedModel(model=model, tokenizer=open_clip.get_tokenizer("ViT-B-32"), name="tiny",
-                       hash=vision_hash(model), info=vision_info(model), preprocess=None)
+    return analysis_model()
 
 
 @pytest.fixture(scope="module")

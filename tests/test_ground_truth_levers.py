@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,25 +16,15 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import ground_truth as harness  # noqa: E402
 import ground_truth_levers as levers  # noqa: E402
 
-from sith.engine.models import LoadedModel, vision_hash, vision_info  # noqa: E402
+from analysis_fixtures import analysis_model  # noqa: E402
+from sith.engine.models import LoadedModel  # noqa: E402
 from sith.testbed.factors import BACKGROUND_PHRASES, COLOURS  # noqa: E402
 from sith.testbed import vocabulary as tb_vocabulary  # noqa: E402
-
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
 
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CFG).eval().requires_grad_(False)
-    with torch.no_grad():
-        model.visual.ln_post.bias.normal_(0, 0.1)
-    return LoadedModel(model=model, tokenizer=open_clip.get_tokenizer("ViT-B-32"), name="tiny",
-                       hash=vision_hash(model), info=vision_info(model), preprocess=None)
+    return analysis_model()
 
 
 def test_grammar_prompts_name_the_word_and_share_contexts_across_a_factor() -> None:
