@@ -142,6 +142,9 @@ def test_signed_url_serves_the_file_with_its_sha256(env) -> None:
     assert headers["x-sith-sha256"] == hashlib.sha256(body).hexdigest()
     status, headers, body = get(offer.url, method="HEAD")
     assert status == 200 and body == b"" and headers["content-length"] == str(SIZE)
+    registry = server.deps.metrics.registry            # the endpoint's answers reach /metrics (counted
+    #                                                    before the client sees them; bytes once sent)
+    assert registry.get_sample_value("sith_http_downloads_total", {"status": "200"}) >= 2
 
 
 def test_range_requests_resume(env) -> None:
@@ -185,6 +188,8 @@ def test_tampered_wrong_tenant_and_expired_urls_are_refused(env) -> None:
     missing = base + server.deps.downloads.signer.path("alice", "c" * 32, int(time.time()) + 60)
     assert get(missing)[0] == 404
     assert get(f"{base}/metrics")[0] == 404
+    refusals = server.deps.metrics.registry.get_sample_value("sith_http_downloads_total", {"status": "403"})
+    assert refusals >= len(refused) + 1
     # Bob cannot even obtain a URL for Alice's edit.
     with pytest.raises(grpc.RpcError) as err:
         url_for(stub, names["alice"], BOB)

@@ -142,7 +142,8 @@ def build(config: ServerConfig, *, redis_client: redis.Redis | None = None, runt
             deps.edits, host=config.download_bind, port=config.download_port, signer=Signer(config.download_secret),
             max_streams=config.limits.max_streams, ttl_s=config.download_url_ttl_s,
             base_url=config.download_base_url,
-            tls=(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None)
+            tls=(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None,
+            on_served=deps.metrics.observe_download)
     return SithServer(config, deps, server, health, port)
 
 

@@ -119,6 +119,7 @@ class DownloadEndpoint:
         self.signer = signer
         self.ttl_s = ttl_s
         self._slots = threading.BoundedSemaphore(max_streams)
+        # on_served(status, 0) when an answer starts, on_served(None, nbytes) when a body has been sent
         self._on_served = on_served or (lambda status, nbytes: None)
         self.served = 0                      # completed transfers (tests and metrics read it)
         endpoint = self
@@ -223,6 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("download %s - %s", self.address_string(), format % args)
 
     def _refuse(self, status: int, extra: dict[str, str] | None = None) -> None:
+        self.owner._on_served(status, 0)     # counted before the client can see the answer
         body = {403: b"forbidden\n", 404: b"not found\n", 416: b"range not satisfiable\n",
                 503: b"busy, retry\n"}.get(status, b"error\n")
         self.send_response(status)
@@ -234,7 +236,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.owner._on_served(status, 0)
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
         self.do_GET()
@@ -268,7 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._refuse(416, {"Content-Range": f"bytes */{size}"})
                 return
             start, end = wanted if isinstance(wanted, tuple) else (0, size)
-            self.send_response(206 if isinstance(wanted, tuple) else 200)
+            status = 206 if isinstance(wanted, tuple) else 200
+            self.owner._on_served(status, 0)     # counted before the client can see the answer
+            self.send_response(status)
             if isinstance(wanted, tuple):
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.send_header("Content-Type", "application/octet-stream")
@@ -283,4 +286,4 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             sent = self.connection.sendfile(handle, start, end - start)
             self.owner.served += 1
-            self.owner._on_served(206 if isinstance(wanted, tuple) else 200, sent)
+            self.owner._on_served(None, sent)

@@ -42,8 +42,20 @@ class Metrics:
         self.rejections = Counter("sith_grpc_rejected", "calls turned away before reaching a servicer, by reason "
                                   "(unauthenticated, busy, streams, streams_per_tenant)", ["reason"],
                                   registry=self.registry)
+        self.http_downloads = Counter("sith_http_downloads", "signed-URL HTTP download responses by status",
+                                      ["status"], registry=self.registry)
+        self.http_download_bytes = Counter("sith_http_download_bytes", "bytes sent by the HTTP download endpoint",
+                                           registry=self.registry)
         self._observed_jobs: set[str] = set()
         self._http = None
+
+    def observe_download(self, status: int | None, nbytes: int) -> None:
+        """Count an answer of the signed-URL download endpoint as it starts (``status``, the server's own
+        code) and the bytes of a body once sent (``status`` None)."""
+        if status is not None:
+            self.http_downloads.labels(str(status)).inc()
+        if nbytes > 0:
+            self.http_download_bytes.inc(nbytes)
 
     def observe_job(self, job_id: str, kind: str, state: str, seconds: float) -> None:
         """Record a finished job once (the server sees jobs finish through Get/Watch)."""
