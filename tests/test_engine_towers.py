@@ -32,7 +32,7 @@ from sith.engine.errors import InvalidInput
 from sith.engine.jointspace import JointSpace, resolve_image_mean
 from sith.engine.models import load_model
 from sith.engine.towers import adapter_for
-from sith.engine.towers.hf import HFModel, LazyTokenizer, build_hf
+from sith.engine.towers.hf import HF_TYPES, HFModel, LazyTokenizer, build_hf
 
 torch.set_num_threads(1)
 
@@ -72,6 +72,12 @@ HF = {
                                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
                   "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                     "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
+    "hf-siglip2": {"model_type": "siglip2",
+                   "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 16,
+                                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+                   "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "num_patches": 16, "patch_size": 8}},
 }
 FAMILIES = [*OPEN_CLIP, *HF]
 
@@ -272,7 +278,7 @@ def _stock_load(family: str, folder) -> nn.Module:
     if family in HF:
         import transformers
 
-        cls = transformers.CLIPModel if HF[family]["model_type"] == "clip" else transformers.SiglipModel
+        cls = getattr(transformers, HF_TYPES[HF[family]["model_type"]])
         return HFModel(cls.from_pretrained(str(folder)).eval())
     return open_clip.create_model(f"local-dir:{folder}").eval()
 
@@ -338,7 +344,7 @@ def test_loader_decompose_and_data_free_mean(family, tmp_path):
 
 # ------------------------------------------------------------------------------------ joint map
 
-@pytest.mark.parametrize("family", ["openclip-ls", "coca", "siglip-timm", "hf-clip"])
+@pytest.mark.parametrize("family", ["openclip-ls", "coca", "siglip-timm", "hf-clip", "hf-siglip2"])
 def test_joint_readout_is_the_towers_own_head_on_a_constant_sequence(family):
     """The data-free readout of v equals the tower's pooled embedding when every token is v."""
     model = build(family)
@@ -354,6 +360,9 @@ def test_joint_readout_is_the_towers_own_head_on_a_constant_sequence(family):
         elif family == "siglip-timm":
             trunk = model.visual.trunk
             ref = model.visual.head(trunk.forward_head(trunk.norm(tokens)))
+        elif family == "hf-siglip2":            # the stock MAP head over post_layernorm'd tokens
+            vision = model.hf.vision_model
+            ref = vision.head(vision.post_layernorm(tokens))
         else:
             pooled, _ = model.visual._pool(tokens)
             ref = pooled @ model.visual.proj
@@ -403,7 +412,7 @@ def test_tokenizer_is_built_only_when_text_is_encoded(tmp_path):
     assert isinstance(loaded.tokenizer, LazyTokenizer)  # looked up (here: would fail) on first text only
 
 
-@pytest.mark.parametrize("family", ["openclip-ls", "eva02", "hf-siglip"])
+@pytest.mark.parametrize("family", ["openclip-ls", "eva02", "hf-siglip", "hf-siglip2"])
 def test_mlp_output_round_trips(family):
     """The MLP's folded write matrix reads back what was written (LayerScale unfolded, mean restored)."""
     model = build(family)

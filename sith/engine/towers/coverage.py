@@ -82,7 +82,7 @@ def _wrap_hf(model: nn.Module) -> nn.Module:
 
     if model.config.model_type not in HF_TYPES:
         raise InvalidInput("model", f"transformers {type(model).__name__} ({model.config.model_type}) is not "
-                           f"supported: its vision tower takes NaFlex inputs (patch masks, spatial shapes)")
+                           f"supported (supported model types: {', '.join(sorted(HF_TYPES))})")
     return HFModel(model.eval())
 
 

@@ -1,6 +1,6 @@
-"""Hugging Face ``transformers`` CLIP and SigLIP checkpoints (config.json + model.safetensors).
+"""Hugging Face ``transformers`` CLIP, SigLIP and SigLIP2 checkpoints (config.json + model.safetensors).
 
-``HFModel`` wraps a ``CLIPModel`` / ``SiglipModel`` with the few methods the engine calls on a CLIP
+``HFModel`` wraps a ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` with the few methods the engine calls on a CLIP
 (``encode_image``, ``encode_text``, ``visual``), while its ``state_dict`` is the transformers one,
 so an edited model is written back as a folder ``from_pretrained`` loads (same keys, same config).
 ``transformers`` is an optional dependency (``pip install sith[hf]``) imported only here.
@@ -23,7 +23,7 @@ from sith.engine.towers.base import Readout, TowerAdapter
 HF_CONFIG = "config.json"
 HF_CONFIG_KEY = "transformers_config"  # safetensors metadata of a single-file transformers export
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-HF_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+HF_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "spiece.model",
                    "special_tokens_map.json", "preprocessor_config.json")
 
@@ -42,12 +42,17 @@ def is_hf_folder(folder: Path) -> bool:
 
 
 class HFModel(nn.Module):
-    """A transformers CLIP/SigLIP model behind open_clip's ``encode_image``/``encode_text`` calls."""
+    """A transformers CLIP/SigLIP/SigLIP2 model behind open_clip's ``encode_image``/``encode_text`` calls.
+
+    SigLIP2 takes NaFlex inputs (patch rows, a patch mask, each image's patch grid); ``encode_image``
+    turns a square [B, 3, H, W] batch into them the way its image processor does, so every sith
+    path that holds pixel tensors works unchanged. Its square size is √num_patches · patch_size."""
 
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
         self.hf = hf
-        size = hf.config.vision_config.image_size
+        vision = hf.config.vision_config
+        size = getattr(vision, "image_size", None) or int(round(vision.num_patches ** 0.5)) * vision.patch_size
         hf.vision_model.image_size = (size, size)  # what open_clip towers expose as visual.image_size
 
     @property
@@ -65,7 +70,10 @@ class HFModel(nn.Module):
         return out.pooler_output
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
-        x = self._features(self.hf.get_image_features(pixel_values=images))
+        if self.model_type == "siglip2":
+            x = self._features(self.hf.get_image_features(**naflex_inputs(images, self.hf.config.vision_config.patch_size)))
+        else:
+            x = self._features(self.hf.get_image_features(pixel_values=images))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
@@ -111,8 +119,22 @@ class HFModel(nn.Module):
         return out
 
 
+def naflex_inputs(images: Tensor, patch: int) -> dict[str, Tensor]:
+    """SigLIP2's inputs for a [B, C, H, W] batch: patch rows [B, N, p·p·C] (row-major patches, each
+    flattened channels-last, as Siglip2ImageProcessor does), an all-ones mask and the (H/p, W/p) grid."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise InvalidInput("images", f"SigLIP2 needs sides divisible by its patch size {patch}, got {h}x{w}")
+    rows = (images.reshape(b, c, h // patch, patch, w // patch, patch)
+            .permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c))
+    return {"pixel_values": rows,
+            "pixel_attention_mask": torch.ones(rows.shape[:2], dtype=torch.long, device=images.device),
+            "spatial_shapes": torch.tensor([[h // patch, w // patch]] * b, dtype=torch.long, device=images.device)}
+
+
 class HFTower(TowerAdapter):
-    """``CLIPModel`` (post_layernorm + visual_projection) or ``SiglipModel`` (post_layernorm + MAP head)."""
+    """``CLIPModel`` (post_layernorm + visual_projection) or ``SiglipModel`` / ``Siglip2Model`` (post_layernorm
+    + MAP head)."""
 
     def __init__(self, model: HFModel) -> None:
         self.family = f"hf-{model.model_type}"
@@ -122,7 +144,7 @@ class HFTower(TowerAdapter):
         if self.head is not None:
             self.joint_note = ("constant-sequence readout through the MAP head (post_layernorm, probe attention, "
                                "layernorm + MLP): exact for that input, non-linear; inverse uses the linear part")
-        elif model.model_type == "siglip":
+        elif model.model_type in ("siglip", "siglip2"):
             self.joint_note = "no pooling head: readout is post_layernorm(v)"
 
     @property
@@ -261,7 +283,7 @@ def hf_tokenizer(folder: Path | None, model: HFModel) -> Callable:
 
 def hf_preprocess_cfg(folder: Path | None, model: HFModel) -> dict[str, Any]:
     """open_clip preprocess settings from preprocessor_config.json (or the family's defaults)."""
-    size = model.hf.config.vision_config.image_size
+    size = model.hf.vision_model.image_size[0]
     if model.model_type == "clip":
         cfg: dict[str, Any] = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
     else:
