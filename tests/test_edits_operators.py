@@ -400,8 +400,10 @@ def test_spec_round_trip_with_the_new_fields():
     assert ops[2]["target"] == 2.0 and ops[3]["strength"] == -0.5 and ops[3]["target"] == -0.5
 
 
-@pytest.mark.parametrize("family,changed", [("coca", "visual.proj"), ("clipa", "visual.proj"),
-                                            ("hf-clip", "hf.visual_projection.weight")])
+@pytest.mark.parametrize("family,changed", [("coca", ["visual.proj"]), ("clipa", ["visual.proj"]),
+                                            ("hf-clip", ["hf.visual_projection.weight"]),
+                                            ("eva02", ["visual.trunk.head.weight", "visual.trunk.head.bias"]),
+                                            ("pe-core", ["visual.trunk.head.weight", "visual.trunk.head.bias"])])
 def test_output_projection_goes_through_the_tower_adapter(family, changed):
     """On towers other than a plain CLIP ViT the output map is written as P ← P T through the adapter:
     the embedding becomes e T exactly and only the final projection changes."""
@@ -423,7 +425,7 @@ def test_output_projection_goes_through_the_tower_adapter(family, changed):
     assert (after - before @ t).abs().max() < 1e-4 * before.abs().max()
     assert (before @ u).abs().max() > 1e-3 and torch.allclose(after @ u, 0.25 * (before @ u), atol=1e-4)
     diff = [n for (n, p0), p1 in zip(model.named_parameters(), edited.parameters()) if not torch.equal(p0, p1)]
-    assert diff == [changed]
+    assert diff == changed
 
 
 def test_output_projection_names_a_tower_without_a_final_projection():

@@ -143,17 +143,17 @@ def _rewrite_mlp(tower: TowerAdapter, layer: int, multipliers: Multipliers) -> N
 
 @torch.no_grad()
 def _rewrite_output(tower: TowerAdapter, right: Tensor) -> None:
-    """Final projection P ← P T (row form e = x P, so e' = e T), read and written through the tower
-    adapter so every family whose readout ends in a linear projection (open_clip ViT/CoCa/CLIPA,
-    transformers CLIP) gets the same edit in its own stock layout."""
-    _, proj, _ = tower.joint_pieces()
+    """The embedding e ← e T (row form), written by the tower adapter into its final linear layer
+    (P ← P T, and its bias where it has one) in the family's stock layout: open_clip ViT/CoCa/CLIPA,
+    timm towers whose readout ends in a Linear, transformers CLIP."""
+    proj = tower.output_projection()
     if proj is None:
         raise InvalidInput("operator", f"output_projection: the {tower_kind(tower.model)} vision tower "
                            f"({tower.family}) exposes no final linear projection to rewrite; use a head operator")
     if proj.shape[1] != right.shape[0]:
         raise InvalidInput("multipliers", f"the output write map is {tuple(right.shape)}, but this model's final "
                            f"projection is {tuple(proj.shape)}")
-    tower.set_projection((proj.double() @ right.to(proj.device)).to(proj.dtype))
+    tower.rewrite_output(right)
 
 
 def revert(model, decomposition: dict[int, LayerSVD]):

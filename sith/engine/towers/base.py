@@ -144,6 +144,18 @@ class TowerAdapter:
         """Replace the final linear projection (row form, [D', D]) in place."""
         raise InvalidInput("operator", f"{self.family}: this tower has no final linear projection to edit")
 
+    def output_projection(self) -> Tensor | None:
+        """The last linear map of the readout in row form [D', D] (e = x P + b), or None where the
+        readout does not end in one."""
+        return self.joint_pieces()[1]
+
+    def rewrite_output(self, right: Tensor) -> None:
+        """Make the embedding e·T for every image: P ← P T (and a bias b ← b T where the family has one)."""
+        proj = self.output_projection()
+        if proj is None:
+            self.set_projection(right)  # raises the family's own "no final projection" error
+        self.set_projection((proj.double() @ right.to(proj.device).double()).to(proj.dtype))
+
     # ---------------------------------------------------------------- identity
     def vision_state(self) -> dict[str, Tensor]:
         """Every tensor of the vision tower and its joint map (the vision hash covers these)."""

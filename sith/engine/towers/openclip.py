@@ -208,12 +208,31 @@ class TimmTower(TowerAdapter):
             return torch.diag(norm.weight.detach())
         return torch.eye(dim, dtype=ref.dtype, device=ref.device)
 
-    def set_projection(self, proj: Tensor) -> None:
+    def _output_linear(self) -> nn.Linear | None:
+        """The readout's last layer when it is a Linear: open_clip's ``head.proj``, or timm's own
+        classifier head used as the projection when open_clip adds nothing after it."""
+        after = [m for name, m in self.visual.head.named_children() if name != "proj" and not isinstance(m, nn.Dropout)]
+        if after:  # an MLP or attention-pool head follows: the last layer is not linear
+            return None
         linears = self._final_linears()
-        if not linears:
+        return linears[-1] if linears else None
+
+    def output_projection(self) -> Tensor | None:
+        last = self._output_linear()
+        return None if last is None else last.weight.detach().T
+
+    def set_projection(self, proj: Tensor) -> None:
+        last = self._output_linear()
+        if last is None:
             super().set_projection(proj)
-        last = linears[-1]
         if tuple(proj.shape) != tuple(last.weight.T.shape):
             raise InvalidInput("projection", f"expected shape {list(last.weight.T.shape)}, got {list(proj.shape)}")
         with torch.no_grad():
             last.weight.copy_(proj.T.to(last.weight.dtype))
+
+    @torch.no_grad()
+    def rewrite_output(self, right: Tensor) -> None:
+        super().rewrite_output(right)
+        last = self._output_linear()
+        if last is not None and last.bias is not None:   # e = xWᵀ + b, so e·T needs b ← b T too
+            last.bias.copy_((last.bias.double() @ right.to(last.bias.device).double()).to(last.bias.dtype))
