@@ -19,8 +19,9 @@ Hungarian matching is redone, and the observed mean is compared with that distri
 tower, ``untrained_vision_control``) and the mean over *all* head pairs are reported next to it.
 
 **Ground truth** (testbed models): which world factor a head's write carries, measured on images —
-per head, η² (bias-corrected: ε²) of each factor on the head's direct write to the class token,
-mapped into the joint space (``ground_truth_eta2``). A head's label is its largest-η² factor. Matched pairs' label
+per head, η² (bias-corrected: ε²) of each factor on the head's direct write to the class token
+(attention-pool towers: its token writes weighted by the pool's attention), mapped into the joint
+space (``ground_truth_eta2``). A head's label is its largest-η² factor. Matched pairs' label
 agreement is tested against a permutation of B's labels across its heads (label usage kept).
 
 With named concept categories (e.g. the testbed's factors), each head also gets a specialisation:
@@ -248,11 +249,15 @@ def untrained_vision_control(loaded, seed: int = 0):
                     module.reset_parameters()
                 if isinstance(module, nn.MultiheadAttention):
                     module._reset_parameters()
-            width = visual.transformer.width
-            for name in ("class_embedding", "positional_embedding", "proj"):
-                param = getattr(visual, name, None)
-                if isinstance(param, nn.Parameter) and param.requires_grad is not None:
-                    param.copy_(width ** -0.5 * torch.randn_like(param))
+            trunk = getattr(visual, "trunk", None)
+            if getattr(visual, "transformer", None) is None and hasattr(trunk, "init_weights"):
+                trunk.init_weights()  # a timm trunk (testbed-siglip): timm's own init, MAP latent included
+            else:
+                width = visual.transformer.width
+                for name in ("class_embedding", "positional_embedding", "proj"):
+                    param = getattr(visual, name, None)
+                    if isinstance(param, nn.Parameter) and param.requires_grad is not None:
+                        param.copy_(width ** -0.5 * torch.randn_like(param))
     finally:
         torch.random.set_rng_state(generator_state)
     model = model.float().eval().requires_grad_(False)
@@ -305,12 +310,90 @@ def _eta_squared(z: Tensor, labels: Tensor) -> float:
 CLASS_TOKEN_FAMILIES = ("open_clip-vit", "hf-clip")
 
 
+def _timm_class_token(tower) -> bool:
+    """A timm ViT (``timm-vit``) whose embedding reads its class token (``global_pool='token'``, e.g. testbed-timm)."""
+    trunk = getattr(tower.visual, "trunk", None)
+    return (tower.family == "timm-vit" and getattr(trunk, "global_pool", None) == "token"
+            and getattr(trunk, "cls_token", None) is not None)
+
+
+# Tower families whose embedding is a learnt attention pool over all tokens (timm MAP head): what reaches
+# the embedding from a head is its writes to every token, weighted by the pool's attention.
+ATTENTION_POOL_FAMILIES = ("timm-vit-map",)
+
+
+def _readout_tower(loaded, field: str = "ground_truth"):
+    """The tower adapter if ground truth can read it (class token or MAP pool), else InvalidInput naming it."""
+    from sith.engine.towers import adapter_for
+
+    tower = adapter_for(loaded, field)
+    return tower if tower.family in ATTENTION_POOL_FAMILIES else _class_token_tower(loaded, field)
+
+
+def head_pooled_writes(loaded, images: Tensor, batch_size: int = 100) -> dict[int, Tensor]:
+    """Per layer [H, B, d]: each head's writes to every token, averaged over tokens with the MAP head's
+    attention weights (their mean over its heads and latents; they sum to one), out-projection bias and
+    LayerScale left out. The counterpart of ``head_cls_writes`` for attention-pool towers
+    (``ATTENTION_POOL_FAMILIES``); InvalidInput naming the tower otherwise."""
+    from sith.engine.towers import adapter_for, tower_kind
+
+    tower = adapter_for(loaded, "ground_truth")
+    if tower.family not in ATTENTION_POOL_FAMILIES:
+        raise InvalidInput("ground_truth", f"pooled head writes need an attention-pool (MAP) tower; "
+                           f"{tower_kind(tower.model)} is {tower.family}")
+    model = tower.model
+    tokens: dict[int, list[Tensor]] = {i: [] for i in range(tower.num_layers)}
+    weights: list[Tensor] = []
+    captured: dict[int, list[Tensor]] = {i: [] for i in range(tower.num_layers)}
+    handles = [tower.access(i).out.register_forward_pre_hook(_token_hook(tower.access(i), tokens[i]))
+               for i in range(tower.num_layers)]
+    handles.append(model.visual.trunk.attn_pool.register_forward_pre_hook(_pool_hook(weights)))
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model.encode_image(images[start:start + batch_size].to(device))
+                attention = weights.pop()  # [B, T]
+                for i in captured:
+                    captured[i].append(torch.einsum("hbtd,bt->hbd", tokens[i].pop(), attention))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: torch.cat(parts, dim=1) for i, parts in captured.items()}
+
+
+def _token_hook(access, sink: list[Tensor]):
+    """Every token's per-head write: the output Linear's input [B, T, H·dh] through each head's columns."""
+    heads, dh = access.num_heads, access.head_dim
+
+    def run(module: nn.Linear, args) -> None:
+        x = args[0]
+        w_o = module.weight.reshape(module.weight.shape[0], heads, dh)
+        sink.append(torch.einsum("bthe,dhe->hbtd", x.reshape(*x.shape[:2], heads, dh), w_o).detach().cpu())
+    return run
+
+
+def _pool_hook(sink: list[Tensor]):
+    """timm AttentionPoolLatent's attention over tokens, recomputed from its input: [B, T] (mean over heads)."""
+    def run(module: nn.Module, args) -> None:
+        x = args[0]
+        b, n, _ = x.shape
+        if module.pos_embed is not None:
+            x = x + module.pos_embed.unsqueeze(0).to(x.dtype)
+        q = module.q(module.latent.expand(b, -1, -1)).reshape(b, module.latent_len, module.num_heads, module.head_dim)
+        k = module.kv(x).reshape(b, n, 2, module.num_heads, module.head_dim)[:, :, 0]
+        q, k = module.q_norm(q.transpose(1, 2)), module.k_norm(k.transpose(1, 2))
+        attention = torch.softmax((q * module.scale) @ k.transpose(-2, -1), dim=-1)  # [B, heads, latents, T]
+        sink.append(attention.mean((1, 2)).detach().cpu())
+    return run
+
+
 def _class_token_tower(loaded, field: str = "ground_truth"):
     """The tower adapter of ``loaded`` if its embedding reads the class token, else InvalidInput naming it."""
     from sith.engine.towers import adapter_for, tower_kind
 
     tower = adapter_for(loaded, field)
-    if tower.family not in CLASS_TOKEN_FAMILIES:
+    if tower.family not in CLASS_TOKEN_FAMILIES and not _timm_class_token(tower):
         name = getattr(loaded, "name", type(tower.model).__name__)
         raise InvalidInput(field, f"ground truth reads each head's write to the class token, but {name}'s vision "
                            f"tower is {tower_kind(tower.model)} ({tower.family}), whose embedding is not read from "
@@ -389,17 +472,23 @@ def ground_truth_eta2(loaded, n_images: int = 1000, layers: int | Sequence[int] 
                       factors: Sequence[str] = GROUND_TRUTH_FACTORS) -> GroundTruth:
     """η² of each world factor on every head's class-token write, mapped into the joint space
     (ln_post's gain and the projection; the per-image LayerNorm scale is left out), over ``n_images``
-    held-out natural world images (the evaluation's factor set: seed 1,000,000)."""
+    held-out natural world images (the evaluation's factor set: seed 1,000,000).
+
+    Attention-pool (MAP) towers (``ATTENTION_POOL_FAMILIES``, e.g. testbed-siglip) have no class
+    token: there the write is the head's token writes averaged with the MAP head's own attention
+    (``head_pooled_writes``), mapped through the final norm's gain and the pool's value/output maps."""
     from sith.testbed.evaluate import factor_set
 
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 10:
         raise InvalidInput("n_images", f"needs an integer >= 10, got {n_images!r}")
-    pullback = _class_token_tower(loaded).pullback_matrix()  # diag(γ_post) P: the readout's linear part
+    tower = _readout_tower(loaded)
+    pullback = tower.pullback_matrix()  # diag(γ_post) P (MAP: diag(γ_norm) W_v W_proj): the readout's linear part
     if pullback is None:
         raise InvalidInput("ground_truth", f"{loaded.name}: the vision tower's readout has no linear part")
     pullback = pullback.detach().float().cpu()
     batch = factor_set(n_images)
-    writes = head_cls_writes(loaded, batch.images)
+    pooled = tower.family in ATTENTION_POOL_FAMILIES
+    writes = (head_pooled_writes if pooled else head_cls_writes)(loaded, batch.images)
     chosen = resolve_layers(loaded.info, layers) if layers is not None else list(range(loaded.info.layers))
     heads, rows = [], []
     for layer in chosen:

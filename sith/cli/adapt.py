@@ -158,7 +158,8 @@ def _delta_plots(model_b, model_f, result: dict, folder: Path) -> None:
 @click.option("--control", type=click.Choice(["none", "untrained"]), default="none", show_default=True,
               help="Also match A against B with an untrained vision tower (B's trained text tower kept).")
 @click.option("--ground-truth", is_flag=True,
-              help="Testbed models: label heads by the world factor their class-token write carries (η² on images).")
+              help="Testbed models: label heads by the world factor their class-token write carries (η² on images; "
+                   "MAP towers such as testbed-siglip: their token writes weighted by the pool's attention).")
 @click.option("--images", type=int, default=1000, show_default=True, help="Held-out world images for --ground-truth.")
 @common_options
 def match(model_a: str, model_b: str, categories, all_layers, permutations, control, ground_truth, images, layers,

@@ -52,7 +52,7 @@ def default_train_dir(name: str) -> Path:
 
 
 @testbed.command("train")
-@click.option("--preset", default="main", show_default=True, help="main, small, or a preset JSON path.")
+@click.option("--preset", default="main", show_default=True, help="main, small, siglip, timm, or a preset JSON path.")
 @click.option("--steps", type=int, default=None, help="Override the step count (of every stage).")
 @click.option("--threads", type=int, default=None, help="Override torch CPU threads.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -73,8 +73,11 @@ def train_cmd(preset: str, steps: int | None, threads: int | None, out_dir: Path
 
 
 def _reference(model: str) -> str:
-    """``main``/``small`` (the presets) name the shipped testbed models; anything else is a model reference."""
-    return f"testbed-{model}" if model in ("main", "small") else model
+    """A preset's short name (``main``, ``small``, ``siglip``, ``timm``, …) names the shipped testbed model;
+    anything else is a model reference."""
+    from sith.testbed.train import list_presets
+
+    return f"testbed-{model}" if model in list_presets() else model
 
 
 @testbed.command("evaluate")
@@ -91,7 +94,7 @@ def evaluate_cmd(model: str, n_factor: int, n_spurious: int, n_retrieval: int, o
                  no_write: bool, as_json: bool, device: str) -> None:
     """Zero-shot, worst-group and retrieval scores of MODEL on held-out testbed images.
 
-    MODEL is main/small (the shipped testbed models) or any model reference: testbed-main, a
+    MODEL is main/small/siglip/timm (the shipped testbed models) or any model reference: testbed-main, a
     checkpoint folder, an edited model (`sith edit apply --out`), hf-hub:ORG/REPO, ...
     """
     from sith.cli.console import console

@@ -2,7 +2,10 @@
 
 ``<folder>/open_clip_config.json`` ({"model_cfg", "preprocess_cfg"}) plus
 ``<folder>/open_clip_model.safetensors`` is what ``open_clip.create_model("local-dir:<folder>")``
-and ``sith.engine.models.load_model(config=<folder>)`` read, so the checkpoints need no sith code.
+and ``sith.engine.models.load_model(config=<folder>)`` read, so the checkpoints need no sith code,
+except testbed-siglip and testbed-timm: their timm towers (``sith_testbed_vit_map``,
+``sith_testbed_vit``) exist once ``sith.engine.towers`` has been imported, which every sith loading
+path does.
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ def save_checkpoint(model: open_clip.model.CLIP, model_cfg: dict[str, Any], fold
 
 
 def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[open_clip.model.CLIP, Any]:
-    """(model in eval mode, tokenizer) through plain open_clip."""
+    """(model in eval mode, tokenizer) through plain open_clip.
+
+    testbed-siglip's and testbed-timm's configs name timm towers that sith registers
+    (``sith_testbed_vit_map``, ``sith_testbed_vit``), so the registration is imported first; plain
+    open_clip needs ``import sith.engine.towers`` too.
+    """
+    import sith.engine.towers  # noqa: F401  (registers the testbed's timm towers)
+
     model = open_clip.create_model(f"local-dir:{folder}", device=device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     return model.eval(), tokenizer

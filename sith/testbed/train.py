@@ -58,6 +58,8 @@ class TrainConfig:
     contrastive_weight: float = 1.0  # 0 = a label-only warm-up stage (the text tower is not run)
     label_loss: dict[str, float] = field(default_factory=dict)  # factor -> weight of its auxiliary label loss
     single_large: float = 0.0  # share of training scenes forced to one large object (see Distribution)
+    position_init: str = ""  # "sincos2d": start a timm tower's learnt pos_embed at 2-D sin-cos (first stage only)
+    tower_init: str = ""  # "open_clip": start a timm ViT tower at open_clip's ViT init (first stage only)
 
 
 @dataclass
@@ -96,11 +98,85 @@ def load_preset(name: str) -> Preset:
 
 
 def build_model(model_cfg: dict[str, Any]) -> open_clip.model.CLIP:
-    """CLIP, or CustomTextCLIP for a timm/custom tower (``custom_text``, e.g. testbed-siglip)."""
+    """CLIP, or CustomTextCLIP for a timm/custom tower (``custom_text``, e.g. testbed-siglip, testbed-timm)."""
     import sith.engine.towers  # noqa: F401  (registers the testbed's timm towers)
 
     cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
     return (open_clip.model.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.model.CLIP)(**cfg)
+
+
+POSITION_INITS = ("", "sincos2d")
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """[rows·cols, dim] fixed 2-D sin-cos position code (a quarter of the channels each for sin/cos of
+    row and column, frequencies 1/10000^(i/(dim/4))): every token has norm sqrt(dim/2)."""
+    if dim % 4:
+        raise InvalidInput("train.position_init", f"sincos2d needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    parts = [f(axis.reshape(-1, 1) * omega) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1).float()
+
+
+def init_positions(model: torch.nn.Module, how: str) -> None:
+    """Re-initialise a timm tower's position embedding (``how`` in POSITION_INITS; "" keeps timm's).
+
+    timm starts ``pos_embed`` at N(0, 0.02²) and has no norm before the blocks, so on the testbed's
+    64 px images the position code stayed at about 1% of a patch token's norm. The sin-cos start
+    gives every token a position signal of norm sqrt(width/2); the embedding stays learnable. (It
+    did not make testbed-siglip learn shape: docs/towers.md.)
+    """
+    if how not in POSITION_INITS:
+        raise InvalidInput("train.position_init", f"unknown {how!r}", suggestions=list(POSITION_INITS[1:]))
+    if not how:
+        return
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    pos = getattr(trunk, "pos_embed", None)
+    if pos is None:
+        raise InvalidInput("train.position_init", "only a timm vision tower with a learnt pos_embed can be re-initialised")
+    prefix = 0 if getattr(trunk, "no_embed_class", False) else getattr(trunk, "num_prefix_tokens", 0)
+    code = sincos_2d(tuple(trunk.patch_embed.grid_size), pos.shape[-1])
+    with torch.no_grad():
+        pos.zero_()
+        pos[0, prefix:] = code.to(pos.dtype)
+
+
+TOWER_INITS = ("", "open_clip")
+
+
+def init_tower(model: torch.nn.Module, how: str) -> None:
+    """Re-initialise a timm ViT tower (``how`` in TOWER_INITS; "" keeps timm's init).
+
+    "open_clip" gives it the start open_clip's own ViT has: position embedding and class token
+    N(0, 1/width), fused qkv Xavier-uniform, the other block Linears PyTorch's default, qkv and
+    attention-output biases zero. timm starts every Linear at N(0, 0.02²), the position embedding at
+    N(0, 0.02²) and the class token at N(0, (1e-6)²). In label-only shape runs on the same batches
+    this start, with the pre-norm of the testbed-timm tower, closed most of the gap to testbed-small's
+    open_clip ViT (docs/towers.md). The MAP head (if any) keeps timm's init.
+    """
+    if how not in TOWER_INITS:
+        raise InvalidInput("train.tower_init", f"unknown {how!r}", suggestions=list(TOWER_INITS[1:]))
+    if not how:
+        return
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if getattr(trunk, "pos_embed", None) is None or not hasattr(trunk, "blocks"):
+        raise InvalidInput("train.tower_init", "only a timm ViT vision tower can be re-initialised")
+    scale = trunk.pos_embed.shape[-1] ** -0.5
+    with torch.no_grad():
+        trunk.pos_embed.normal_(0, scale)
+        if getattr(trunk, "cls_token", None) is not None:
+            trunk.cls_token.normal_(0, scale)
+    for name, module in trunk.blocks.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if name.endswith("attn.qkv"):
+            torch.nn.init.xavier_uniform_(module.weight)
+        else:
+            module.reset_parameters()
+        if module.bias is not None and name.endswith(("attn.qkv", "attn.proj")):
+            torch.nn.init.zeros_(module.bias)
 
 
 def build_tokenizer(model_cfg: dict[str, Any]) -> open_clip.SimpleTokenizer:
@@ -160,10 +236,12 @@ def _identity(batch: Batch) -> Batch:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's rule: no decay on gains, biases, embeddings and the logit scale."""
+    """open_clip's rule: no decay on gains, biases, embeddings and the logit scale (timm's ``pos_embed``
+    is a position embedding too)."""
     def exclude(name: str, p: torch.Tensor) -> bool:
         return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
-            or "embedding" in name or "positional" in name or "class_embedding" in name
+            or "embedding" in name or "positional" in name or "class_embedding" in name or "pos_embed" in name \
+            or "cls_token" in name
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not exclude(n, p)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and exclude(n, p)]
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
@@ -229,6 +307,8 @@ def train(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(stages[0].seed)
     model = build_model(preset.model_cfg)
+    init_tower(model, stages[0].tower_init)
+    init_positions(model, stages[0].position_init)
     if stages[0].init_from:
         _load_initial_weights(model, stages[0].init_from)
     model = model.to(device).train()

@@ -16,7 +16,8 @@ from timm.layers import LayerNorm
 from timm.models import register_model
 from timm.models._registry import _model_entrypoints
 
-TINY_MODELS = ("sith_tiny_vit_map", "sith_tiny_eva02", "sith_tiny_pe", "sith_tiny_fastvit", "sith_testbed_vit_map")
+TINY_MODELS = ("sith_tiny_vit_map", "sith_tiny_eva02", "sith_tiny_pe", "sith_tiny_fastvit", "sith_testbed_vit_map",
+               "sith_testbed_vit")
 
 
 def _named(kwargs: dict, name: str) -> dict:
@@ -86,3 +87,15 @@ def sith_testbed_vit_map(pretrained: bool = False, **kwargs):
     args = dict(img_size=64, patch_size=8, embed_dim=96, depth=5, num_heads=4, mlp_ratio=2.0,
                 class_token=False, global_pool="map")
     return _create_vision_transformer("sith_testbed_vit_map", pretrained=False, **dict(args, **_named(kwargs, "sith_testbed_vit_map")))
+
+
+@_register
+def sith_testbed_vit(pretrained: bool = False, **kwargs):
+    """The testbed's timm class-token tower (testbed-timm): 64 px, 8 px patches, width 96, 5 blocks of
+    4 heads, a class token, a LayerNorm before the blocks (timm's CLIP ViTs' ``pre_norm``), fused qkv
+    (docs/testbed.md)."""
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    args = dict(img_size=64, patch_size=8, embed_dim=96, depth=5, num_heads=4, mlp_ratio=2.0,
+                class_token=True, global_pool="token", pre_norm=True)
+    return _create_vision_transformer("sith_testbed_vit", pretrained=False, **dict(args, **_named(kwargs, "sith_testbed_vit")))
