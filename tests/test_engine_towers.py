@@ -60,24 +60,20 @@ OPEN_CLIP = {
     "fastvit": _cfg({"image_size": 64, "timm_model_name": "sith_tiny_fastvit", "timm_pool": "avg",
                      "timm_proj": None}, custom_text=True),
 }
+HF_SIGLIP_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "vocab_size": 1000, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
+                  "pad_token_id": 0}
+HF_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "patch_size": 8}
 HF = {
     "hf-clip": {"model_type": "clip", "projection_dim": 16,
                 "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                 "num_attention_heads": 2, "vocab_size": 49408, "max_position_embeddings": 16},
-                "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
-    "hf-siglip": {"model_type": "siglip",
-                  "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 16,
-                                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-                  "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
-    "hf-siglip2": {"model_type": "siglip2",
-                   "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                   "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 16,
-                                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-                   "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                     "num_attention_heads": 4, "num_patches": 16, "patch_size": 8}},
+                "vision_config": {**HF_VISION, "image_size": 32}},
+    "hf-siglip": {"model_type": "siglip", "text_config": HF_SIGLIP_TEXT,
+                  "vision_config": {**HF_VISION, "image_size": 32}},
+    "hf-siglip2": {"model_type": "siglip2", "text_config": HF_SIGLIP_TEXT,   # NaFlex: 4×4 patches of 8 px
+                   "vision_config": {**HF_VISION, "num_patches": 16}},
 }
 FAMILIES = [*OPEN_CLIP, *HF]
 
