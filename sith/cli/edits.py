@@ -287,9 +287,11 @@ def summary_lines(manifest: dict) -> list[str]:
         lines.append(f"  heads: {shown}{' …' if len(heads) > 12 else ''}")
     predicted = manifest.get("predicted") or []
     if predicted:
-        lines.append("  predicted presence (data-free; 1 = untouched):")
+        lines.append("  predicted presence after the edit (data-free; 1 = untouched, 0 = removed; a suppress target "
+                     "is corrected by the concept's prior, so 'after' can differ from the level asked):")
+        lines.append(f"    {'concept':<16} {'role':<8} {'before':>6} {'after':>6}")
         for e in predicted:
-            lines.append(f"    {e['concept']:<16} {e['role']:<8} {e['after']:.3f}")
+            lines.append(f"    {e['concept']:<16} {e['role']:<8} {e.get('before', 1.0):>6.2f} {e['after']:>6.3f}")
     for warning in manifest.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     lines.append("  (sith edit show --json prints the full manifest)")
