@@ -25,7 +25,7 @@ from sith_api.v1 import sith_pb2 as pb
 
 from ._channel import Connection
 from ._retry import NO_RETRY, RetryPolicy
-from .errors import from_bounds, invalid_argument
+from .errors import Unavailable, from_bounds, invalid_argument
 from .jobs import Edit, Job
 from .types import EditOp, numpy_to_tensor
 
@@ -184,19 +184,23 @@ class BaseClient:
         if transport not in TRANSPORTS:
             raise invalid_argument("transport", f"expected one of {', '.join(TRANSPORTS)}, got {transport!r}")
 
-    def _http_fetch(self, offer: pb.DownloadUrl, d: Any, timeout: float) -> bool:
-        """Fetch ``offer.url`` into ``d``; False (and ``d.written`` bytes kept) when gRPC must finish it."""
+    def _http_fetch(self, offer: pb.DownloadUrl | None, d: Any, timeout: float, transport: str) -> bool:
+        """Fetch ``offer.url`` into ``d``; False (and ``d.written`` bytes kept) when gRPC must finish it,
+        which ``transport="http"`` forbids (Unavailable). Blocking: the async client runs it in a thread."""
         from ._http_download import HttpUnavailable, fetch
 
-        if not offer.url:
-            return False
-        try:
-            fetch(offer.url, d, grpc_address=self.connection.address, filename=offer.artifact.filename,
-                  size=offer.artifact.size_bytes, sha256=offer.artifact.sha256, timeout=timeout,
-                  root_certificates=self.connection.root_certificates, server_name=self.connection.server_name)
-        except HttpUnavailable:
-            return False
-        return True
+        if offer is not None and offer.url:
+            try:
+                fetch(offer.url, d, grpc_address=self.connection.address, filename=offer.artifact.filename,
+                      size=offer.artifact.size_bytes, sha256=offer.artifact.sha256, timeout=timeout,
+                      root_certificates=self.connection.root_certificates, server_name=self.connection.server_name)
+                return True
+            except HttpUnavailable:
+                pass
+        if transport == "http":
+            raise Unavailable("the server offers no HTTP download for this edit (or it failed); "
+                              "use transport='auto' or 'grpc'")
+        return False
 
     # ---- embeddings ---------------------------------------------------------------------------
     @staticmethod

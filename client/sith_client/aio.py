@@ -31,7 +31,7 @@ from ._base import (DOWNLOAD_TIMEOUT, POLL_INTERVAL, WATCH_WINDOW, BaseClient, C
 from ._download import AtomicDownload
 from ._retry import acall_with_retry
 from .client import _remaining
-from .errors import Unavailable, Unimplemented, from_rpc_error
+from .errors import Unimplemented, from_rpc_error
 from .jobs import Edit, Job
 from .types import Classification, EditOp, Embeddings
 
@@ -254,7 +254,7 @@ class AsyncClient(BaseClient):
         await self._call(self._edits.DeleteEdit, checked(pb.DeleteEditRequest(name=resource_name(edit))))
 
     async def download(self, edit: Edit | str, path: str | os.PathLike[str], *, overwrite: bool = True,
-                 timeout: float = DOWNLOAD_TIMEOUT, transport: str = "auto") -> Path:
+                       timeout: float = DOWNLOAD_TIMEOUT, transport: str = "auto") -> Path:
         """Download the edited model (one .safetensors file carrying its open_clip config) to ``path``.
 
         The sha256 the server announces is checked before the file is atomically renamed into
@@ -274,13 +274,8 @@ class AsyncClient(BaseClient):
                 except Unimplemented:              # a server older than GetDownloadUrl
                     if transport == "http":
                         raise
-                if offer is not None and offer.url:
-                    fetched = await asyncio.to_thread(self._http_fetch, offer, d, timeout)
-                    if fetched:
-                        return d.commit()
-                if transport == "http":
-                    raise Unavailable("the server offers no HTTP download for this edit (or it failed); "
-                                      "use transport='auto' or 'grpc'")
+                if await asyncio.to_thread(self._http_fetch, offer, d, timeout, transport):
+                    return d.commit()
 
             async def once() -> Path:
                 async for chunk in self._edits.DownloadEdit(self._download_request(name, d.written), timeout=timeout,

@@ -31,7 +31,7 @@ from ._base import (DOWNLOAD_TIMEOUT, POLL_INTERVAL, WATCH_WINDOW, BaseClient, C
                     resource_name)
 from ._download import AtomicDownload
 from ._retry import call_with_retry
-from .errors import DeadlineExceeded, Unavailable, Unimplemented, from_rpc_error
+from .errors import DeadlineExceeded, Unimplemented, from_rpc_error
 from .jobs import Edit, Job
 from .types import Classification, EditOp, Embeddings
 
@@ -280,13 +280,8 @@ class Client(BaseClient):
                 except Unimplemented:              # a server older than GetDownloadUrl
                     if transport == "http":
                         raise
-                if offer is not None and offer.url:
-                    fetched = self._http_fetch(offer, d, timeout)
-                    if fetched:
-                        return d.commit()
-                if transport == "http":
-                    raise Unavailable("the server offers no HTTP download for this edit (or it failed); "
-                                      "use transport='auto' or 'grpc'")
+                if self._http_fetch(offer, d, timeout, transport):
+                    return d.commit()
 
             def once() -> Path:
                 for chunk in self._edits.DownloadEdit(self._download_request(name, d.written), timeout=timeout,
