@@ -144,6 +144,15 @@ class TowerAdapter:
         """Replace the final linear projection (row form, [D', D]) in place."""
         raise InvalidInput("operator", f"{self.family}: this tower has no final linear projection to edit")
 
+    @torch.no_grad()
+    def _set_linear_projection(self, linear: nn.Linear | None, proj: Tensor) -> None:
+        """``set_projection`` for families whose final projection is an ``nn.Linear`` (weight = Pᵀ)."""
+        if linear is None:
+            TowerAdapter.set_projection(self, proj)  # the family has none: the shared error
+        if tuple(proj.shape) != tuple(linear.weight.T.shape):
+            raise InvalidInput("projection", f"expected shape {list(linear.weight.T.shape)}, got {list(proj.shape)}")
+        linear.weight.copy_(proj.T.to(linear.weight.dtype))
+
     def output_projection(self) -> Tensor | None:
         """The last linear map of the readout in row form [D', D] (e = x P + b), or None where the
         readout does not end in one."""

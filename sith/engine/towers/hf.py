@@ -172,13 +172,7 @@ class HFTower(TowerAdapter):
         return gain @ linear if linear is not None else gain
 
     def set_projection(self, proj: Tensor) -> None:
-        module = getattr(self.model.hf, "visual_projection", None)
-        if module is None:
-            super().set_projection(proj)
-        if tuple(proj.shape) != tuple(module.weight.T.shape):
-            raise InvalidInput("projection", f"expected shape {list(module.weight.T.shape)}, got {list(proj.shape)}")
-        with torch.no_grad():
-            module.weight.copy_(proj.T.to(module.weight.dtype))
+        self._set_linear_projection(getattr(self.model.hf, "visual_projection", None), proj)
 
     def vision_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.model.hf.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}

@@ -222,13 +222,7 @@ class TimmTower(TowerAdapter):
         return None if last is None else last.weight.detach().T
 
     def set_projection(self, proj: Tensor) -> None:
-        last = self._output_linear()
-        if last is None:
-            super().set_projection(proj)
-        if tuple(proj.shape) != tuple(last.weight.T.shape):
-            raise InvalidInput("projection", f"expected shape {list(last.weight.T.shape)}, got {list(proj.shape)}")
-        with torch.no_grad():
-            last.weight.copy_(proj.T.to(last.weight.dtype))
+        self._set_linear_projection(self._output_linear(), proj)
 
     @torch.no_grad()
     def rewrite_output(self, right: Tensor) -> None:
