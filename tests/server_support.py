@@ -5,7 +5,6 @@ The tiny model itself is defined once, in conftest.py."""
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,15 +87,9 @@ def running_server(models: list[str], *, tokens_file: Path | None = None, data_d
 
 @contextmanager
 def worker_thread(prefix: str, url: str | None = None, data_dir: Path | None = None) -> Iterator[object]:
-    """A real sith_workers.Worker consuming this server's queue in a thread."""
-    from sith_workers.worker import Worker, WorkerSettings
+    """A real sith_workers.Worker consuming this server's queue in a thread (connects by URL)."""
+    from workers_fixtures import running_worker
 
-    worker = Worker(WorkerSettings(redis_url=url or shared_redis_url(), prefix=prefix, block_ms=200,
-                                   data_dir=data_dir or Path("/tmp") / prefix))
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(None, prefix, redis_url=url or shared_redis_url(), block_ms=200,
+                        data_dir=data_dir or Path("/tmp") / prefix) as worker:
         yield worker
-    finally:
-        worker.stop()
-        thread.join(timeout=30)

@@ -41,8 +41,10 @@ def wait_done(queue: JobQueue, job_id: str, timeout_s: float = 120.0) -> JobReco
 
 @contextmanager
 def running_worker(client, prefix: str, **settings) -> Iterator[Worker]:
-    """A real Worker on ``client``'s Redis, consuming ``prefix``'s queue in a thread until the block ends."""
-    worker = Worker(WorkerSettings(redis_url="unused", prefix=prefix, **settings), client=client,
+    """A real Worker consuming ``prefix``'s queue in a thread until the block ends: on ``client``'s
+    Redis, or (``client`` None) on the one ``redis_url`` in ``settings`` names."""
+    settings.setdefault("redis_url", "unused")
+    worker = Worker(WorkerSettings(prefix=prefix, **settings), client=client,
                     consumer=f"w{threading.get_ident()}-{time.monotonic_ns()}")
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
