@@ -424,3 +424,32 @@ def test_mlp_output_round_trips(family):
     torch.testing.assert_close(tower.mlp_output(layer), changed, rtol=0, atol=1e-5)
     with pytest.raises(InvalidInput):
         tower.write_mlp_output(layer, w[:, :3])
+
+
+def test_lora_goes_through_the_adapter_and_merges_into_stock_weights(family):
+    """`sith adapt finetune --mode lora` on every family: LoRA sits on the attention's q/k/v (fused or
+    separate) and output weights the adapter names; B = 0 is the identity; after merging, only those
+    weights changed, each by rank ≤ r, and the state dict keeps the stock keys."""
+    from sith.adaptation.finetune import add_lora, merge_lora
+
+    model = build(family)
+    x = images(model)
+    reference = model.encode_image(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = add_lora(model, rank=2, alpha=4.0)
+    tower = adapter_for(model)
+    assert len(params) == 2 * sum(len(tower.access(i).attention_weights()) for i in range(tower.num_layers))
+    torch.testing.assert_close(model.encode_image(x), reference, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    edited = model.encode_image(x)
+    merge_lora(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    torch.testing.assert_close(model.encode_image(x), edited, rtol=1e-5, atol=1e-5)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = {id(getattr(m, n)) for i in range(tower.num_layers) for m, n in tower.access(i).attention_weights()}
+    assert changed and {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in targets} == changed
+    for name in changed:
+        assert torch.linalg.matrix_rank(after[name] - before[name]) <= 2

@@ -80,3 +80,24 @@ def test_preset_starts_the_tower_at_open_clip_init():
         init_tower(model, "jax")
     with pytest.raises(InvalidInput):
         init_tower(build_model(load_preset("small").model_cfg), "open_clip")  # an open_clip ViT: nothing to redo
+
+
+def test_lora_finetune_and_delta_by_name(tmp_path):
+    """`sith adapt finetune testbed-timm --mode lora` (LoRA on the fused qkv and proj, found through the
+    tower adapter), then `sith adapt delta` on the pair: the whole adaptation loop on a timm tower."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sith.cli import main
+
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(main, ["adapt", "finetune", "testbed-timm", str(out), "--mode", "lora", "--steps", "2",
+                                       "--batch-size", "8", "--subtask", "swap-red-blue"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["trainable_parameters"] == 5 * 4 * ((96 + 3 * 96) + (96 + 96))  # rank 4, qkv + proj
+    delta = CliRunner().invoke(main, ["adapt", "delta", "testbed-timm", str(out), "--json"])
+    assert delta.exit_code == 0, delta.output
+    report = json.loads(delta.output)
+    assert report["heads"] and all(row["relative"] > 0 for row in report["heads"])

@@ -8,11 +8,12 @@ CLIP loss, AdamW groups, warmup+cosine schedule) but starts from a checkpoint in
 init. By default only the vision tower trains (text tower and temperature frozen), so base and
 fine-tuned models share one text embedding space and the delta analysis compares like with like.
 
-LoRA: W ← W + (α/r)·B A on the vision attention's ``in_proj_weight`` and ``out_proj.weight``
+LoRA: W ← W + (α/r)·B A on the vision attention's input weights (open_clip ``in_proj_weight``,
+timm's fused ``qkv`` or separate q/k/v, found through the tower adapter) and its output Linear
 (A kaiming-uniform, B = 0, as in the authors' ``LinearWithLoRA``), implemented as a
 ``torch.nn.utils.parametrize`` parametrization, so the stock ``nn.MultiheadAttention`` forward is
 untouched; after training the parametrizations are removed with ``leave_parametrized=True``, which
-merges the update into the ordinary weights: the result is a plain open_clip checkpoint.
+merges the update into the ordinary weights: the result is a stock checkpoint of the same layout.
 """
 
 from __future__ import annotations
@@ -151,17 +152,20 @@ class LoRA(nn.Module):
 
 
 def add_lora(model, rank: int, alpha: float, layers: list[int] | None = None) -> list[nn.Parameter]:
-    """Attach LoRA to the vision attention's in_proj/out_proj weights; return the trainable parameters."""
+    """Attach LoRA to every chosen vision block's query/key/value and output weights, found through
+    the tower adapter (open_clip ``in_proj_weight``, timm fused ``qkv`` or separate q/k/v, …);
+    return the trainable parameters."""
+    from sith.engine.towers import adapter_for
+
     if rank < 1:
         raise InvalidInput("rank", f"must be >= 1, got {rank}")
-    blocks = model.visual.transformer.resblocks
-    chosen = range(len(blocks)) if layers is None else layers
+    adapter = adapter_for(model)
+    chosen = range(adapter.num_layers) if layers is None else layers
     params: list[nn.Parameter] = []
     for i in chosen:
-        if not 0 <= i < len(blocks):
-            raise InvalidInput("lora_layers", f"layer {i} does not exist (model has {len(blocks)} blocks)")
-        attn = blocks[i].attn
-        for module, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
+        if not 0 <= i < adapter.num_layers:
+            raise InvalidInput("lora_layers", f"layer {i} does not exist (model has {adapter.num_layers} blocks)")
+        for module, name in adapter.access(i).attention_weights():
             out_f, in_f = getattr(module, name).shape
             lora = LoRA(out_f, in_f, rank, alpha).to(getattr(module, name).device)
             parametrize.register_parametrization(module, name, lora)

@@ -66,6 +66,12 @@ class BlockAccess:
         """The Linear that writes the MLP's output into the stream (fc2 / c_proj), if any."""
         return None
 
+    def attention_weights(self) -> list[tuple[nn.Module, str]]:
+        """(module, parameter name) of every weight mapping the stream to queries, keys and values
+        (fused or separate), then the output Linear's: where a low-rank fine-tune (LoRA) of the
+        attention goes, whatever the block's class."""
+        raise NotImplementedError
+
     def mlp_scale(self) -> Tensor | None:
         return None
 
@@ -226,6 +232,9 @@ class MHABlock(BlockAccess):
         b = self.block.attn.in_proj_bias
         return None if b is None else b[2 * self.width : 3 * self.width]
 
+    def attention_weights(self):
+        return [(self.block.attn, "in_proj_weight"), (self.out, "weight")]
+
     def layer_scale(self):
         return _gamma(getattr(self.block, "ls_1", None))
 
@@ -272,6 +281,11 @@ class TimmBlock(BlockAccess):
         b = attn.qkv.bias
         d = self.num_heads * self.head_dim
         return None if b is None else b[2 * d : 3 * d]
+
+    def attention_weights(self):
+        attn = self.block.attn
+        inputs = [attn.q_proj, attn.k_proj, attn.v_proj] if self._split() else [attn.qkv]
+        return [(m, "weight") for m in inputs] + [(self.out, "weight")]
 
     def inner_scale(self):
         norm = getattr(self.block.attn, "norm", None)
@@ -326,6 +340,9 @@ class FastViTBlock(BlockAccess):
         d = self.num_heads * self.head_dim
         return None if b is None else b[2 * d : 3 * d]
 
+    def attention_weights(self):
+        return [(self.block.token_mixer.qkv, "weight"), (self.out, "weight")]
+
     def layer_scale(self):
         return _gamma(getattr(self.block, "layer_scale_1", None))
 
@@ -344,6 +361,10 @@ class HFBlock(BlockAccess):
 
     def value_bias(self):
         return self.block.self_attn.v_proj.bias
+
+    def attention_weights(self):
+        attn = self.block.self_attn
+        return [(m, "weight") for m in (attn.q_proj, attn.k_proj, attn.v_proj)] + [(self.out, "weight")]
 
     def mlp_out(self):
         return getattr(getattr(self.block, "mlp", None), "fc2", None)
