@@ -453,3 +453,20 @@ def test_lora_goes_through_the_adapter_and_merges_into_stock_weights(family):
     assert changed and {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in targets} == changed
     for name in changed:
         assert torch.linalg.matrix_rank(after[name] - before[name]) <= 2
+
+
+@pytest.mark.parametrize("height,width", [(16, 64), (24, 40), (40, 24)])
+def test_siglip2_non_square_batches_match_the_stock_processor(height, width):
+    """NaFlex with other aspect ratios: a [B, 3, H, W] batch is patchified on its own (H/p, W/p) grid and
+    embeds exactly as transformers' Siglip2ImageProcessor (which pads to max_num_patches and masks)
+    followed by the model's own get_image_features."""
+    from transformers import Siglip2ImageProcessor
+
+    model = build("hf-siglip2")
+    x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height * width))
+    processor = Siglip2ImageProcessor(patch_size=8, max_num_patches=16, do_rescale=False, do_normalize=False)
+    inputs = processor(images=[x[0].numpy().transpose(1, 2, 0)], return_tensors="pt", input_data_format="channels_last")
+    assert inputs["spatial_shapes"].tolist() == [[height // 8, width // 8]]  # no resize: the grid is the image's
+    reference = model.hf.get_image_features(**inputs)
+    reference = reference if isinstance(reference, torch.Tensor) else reference.pooler_output
+    torch.testing.assert_close(model.encode_image(x), reference, rtol=0, atol=1e-5)

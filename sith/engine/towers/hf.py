@@ -45,7 +45,7 @@ class HFModel(nn.Module):
     """A transformers CLIP/SigLIP/SigLIP2 model behind open_clip's ``encode_image``/``encode_text`` calls.
 
     SigLIP2 takes NaFlex inputs (patch rows, a patch mask, each image's patch grid); ``encode_image``
-    turns a square [B, 3, H, W] batch into them the way its image processor does, so every sith
+    turns a [B, 3, H, W] batch (square or not) into them the way its image processor does, so every sith
     path that holds pixel tensors works unchanged. Its square size is √num_patches · patch_size."""
 
     def __init__(self, hf: nn.Module) -> None:
