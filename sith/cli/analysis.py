@@ -60,7 +60,7 @@ def model_options(command: Callable) -> Callable:
 def analysis_options(command: Callable) -> Callable:
     """Dictionary, image mean, cache, method and layer flags shared by explain and find."""
     options = [
-        click.option("--dictionary", type=click.Path(dir_okay=False),
+        click.option("--dictionary", "--vocabulary", "dictionary", type=click.Path(dir_okay=False),
                      help="Text file, one concept per line, or 'default' (the built-in >=20k-word English "
                           "vocabulary) or 'testbed' (the world's words). Unset: the model decides "
                           "(testbed models -> 'testbed', others -> 'default')."),

@@ -39,7 +39,7 @@ def _spec_options(func):
         click.option("--threshold", type=float, default=None, help="Select every vector with relevance >= T."),
         click.option("--vector", "vectors", multiple=True, help="Explicit LAYER,HEAD,INDEX (repeatable)."),
         click.option("--layers", default=None, help="Comma-separated layers (negative ok; default last four)."),
-        click.option("--dictionary", default=None, type=click.Path(dir_okay=False),
+        click.option("--dictionary", "--vocabulary", "dictionary", default=None, type=click.Path(dir_okay=False),
                      help="Concept list, one per line, or 'default' / 'testbed' (as for `sith explain`)."),
         click.option("--image-mean", default=DEFAULT_IMAGE_MEAN, show_default=True,
                      help="Data-free mean (as for `sith explain`), 'none', a tensor file or an image folder."),

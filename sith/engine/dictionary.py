@@ -202,8 +202,24 @@ def _pool_positions(model, tokens: Tensor) -> Tensor | None:
     return None
 
 
+def _token_table_size(model) -> int | None:
+    """Rows of the text tower's token embedding, where the layout is a known one (open_clip CLIP, a
+    custom text tower, transformers), else None."""
+    for owner in (model, getattr(model, "text", None), getattr(getattr(getattr(model, "hf", None), "text_model", None),
+                                                               "embeddings", None)):
+        table = getattr(owner, "token_embedding", None)
+        if isinstance(table, torch.nn.Embedding):
+            return table.num_embeddings
+    return None
+
+
 def encode_tokens(model, tokens: Tensor) -> Tensor:
     """open_clip's ``CLIP.encode_text`` (normalize=False) on tokens cut to any length ≥ the pooled position."""
+    rows = _token_table_size(model)
+    if rows is not None and tokens.numel() and int(tokens.max()) >= rows:
+        raise InvalidInput("model", f"the tokenizer produced token id {int(tokens.max())} but the text tower's token "
+                           f"embedding has only {rows} rows: the tokenizer does not belong to this text tower "
+                           "(check the model config's text vocab_size or the tokenizer files)")
     if not hasattr(model, "token_embedding"):  # custom/HF text towers (CoCa, CLIPA, SigLIP, transformers)
         return model.encode_text(tokens)
     length = tokens.shape[1]
