@@ -408,7 +408,7 @@ def test_tokenizer_is_built_only_when_text_is_encoded(tmp_path):
     assert isinstance(loaded.tokenizer, LazyTokenizer)  # looked up (here: would fail) on first text only
 
 
-@pytest.mark.parametrize("family", ["openclip-ls", "eva02", "hf-siglip", "hf-siglip2"])
+@pytest.mark.parametrize("family", ["openclip-ls", "eva02", "fastvit", "hf-siglip", "hf-siglip2"])
 def test_mlp_output_round_trips(family):
     """The MLP's folded write matrix reads back what was written (LayerScale unfolded, mean restored)."""
     model = build(family)
@@ -470,3 +470,24 @@ def test_siglip2_non_square_batches_match_the_stock_processor(height, width):
     reference = model.hf.get_image_features(**inputs)
     reference = reference if isinstance(reference, torch.Tensor) else reference.pooler_output
     torch.testing.assert_close(model.encode_image(x), reference, rtol=0, atol=1e-5)
+
+
+def test_fastvit_mlp_write_is_its_1x1_conv_per_position():
+    """FastViT's ConvMlp writes through a 1×1 conv (fc2) and LayerScale2d: writing folded rows W T must
+    turn the block's MLP contribution y (bias part excluded) into y T at every position, measured on the
+    stock module's own forward."""
+    model = build("fastvit")
+    tower = adapter_for(model)
+    layer = tower.num_layers - 1
+    block = tower.blocks[layer]
+    x = torch.randn(2, block.mlp.fc2.out_channels, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    def contribution() -> torch.Tensor:  # [B·H·W, d]: layer_scale_2(mlp(x)) minus the bias part
+        y = block.layer_scale_2(block.mlp(x)) - block.layer_scale_2(block.mlp.fc2.bias[None, :, None, None])
+        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+    before = contribution()
+    w = tower.mlp_output(layer)
+    t = torch.eye(w.shape[1]) + 0.3 * torch.randn(w.shape[1], w.shape[1], generator=torch.Generator().manual_seed(4))
+    tower.write_mlp_output(layer, w @ t)
+    torch.testing.assert_close(contribution(), before @ t, rtol=1e-4, atol=1e-5)

@@ -62,8 +62,8 @@ class BlockAccess:
         """LayerScale γ [d] on the head outputs, else None."""
         return None
 
-    def mlp_out(self) -> nn.Linear | None:
-        """The Linear that writes the MLP's output into the stream (fc2 / c_proj), if any."""
+    def mlp_out(self) -> nn.Linear | nn.Conv2d | None:
+        """The Linear (or 1×1 convolution) that writes the MLP's output into the stream (fc2 / c_proj), if any."""
         return None
 
     def attention_weights(self) -> list[tuple[nn.Module, str]]:
@@ -166,7 +166,7 @@ class BlockAccess:
         fc = self.mlp_out()
         if fc is None:
             return None
-        w = fc.weight.detach().T  # [m, d]
+        w = _as_matrix(fc.weight.detach()).T  # [m, d]
         ls = self.mlp_scale()
         if ls is not None:
             w = w * ls.detach()[None, :]
@@ -177,7 +177,7 @@ class BlockAccess:
         fc = self.mlp_out()
         if fc is None:
             raise InvalidInput("layer", f"{self.kind} has no MLP output to write")
-        old = fc.weight.double().T
+        old = _as_matrix(fc.weight).double().T
         ls = self.mlp_scale()
         ls_d = ls.double() if ls is not None else None
         old_folded = old * ls_d[None, :] if ls_d is not None else old
@@ -188,7 +188,12 @@ class BlockAccess:
             new = new + old_folded.mean(dim=1, keepdim=True)
         if ls_d is not None:
             new = new / ls_d[None, :]
-        fc.weight.copy_(new.T.to(fc.weight.dtype))
+        fc.weight.copy_(new.T.reshape(fc.weight.shape).to(fc.weight.dtype))
+
+
+def _as_matrix(weight: Tensor) -> Tensor:
+    """A Linear's weight [out, in], or a 1×1 convolution's [out, in, 1, 1] as the same per-position map."""
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _mlp_in(block: nn.Module, norm: str, fc: str, act: str) -> tuple[nn.Module, nn.Linear, nn.Module] | None:
@@ -345,6 +350,14 @@ class FastViTBlock(BlockAccess):
 
     def layer_scale(self):
         return _gamma(getattr(self.block, "layer_scale_1", None))
+
+    def mlp_out(self):
+        """ConvMlp's ``fc2``, a 1×1 convolution: per position, the same map as a Linear."""
+        fc = getattr(getattr(self.block, "mlp", None), "fc2", None)
+        return fc if isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1 else None
+
+    def mlp_scale(self):
+        return _gamma(getattr(self.block, "layer_scale_2", None))
 
 
 class HFBlock(BlockAccess):
