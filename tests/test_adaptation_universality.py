@@ -256,3 +256,199 @@ def test_head_writes_name_a_tower_that_does_not_read_the_class_token(family):
         head_cls_writes(model, tower_images(model))
     assert info.value.field == "ground_truth" and "class token" in info.value.reason
     assert ("VisionTransformer" if family == "coca" else "timm") in info.value.reason
+
+
+# ------------------------------------------------------------------ capacity profiles (issue 13)
+
+from sith.adaptation.universality import (  # noqa: E402
+    DEFAULT_PROFILE,
+    PROFILES,
+    capacity_profiles,
+    category_blocks,
+    category_permutation,
+    concept_directions,
+    write_capacity,
+)
+from sith.engine.decomposition import LayerSVD  # noqa: E402
+
+
+@pytest.fixture()
+def analyzer_a(models, tmp_path):
+    a, _ = models
+    return Analyzer(a, build_dictionary(a, CONCEPTS, cache_dir=tmp_path))
+
+
+def test_concept_directions_are_the_edit_planners_pulled_back_directions(analyzer_a):
+    from sith.edits.operators import Geometry
+
+    g = concept_directions(analyzer_a)
+    assert g.shape == (len(CONCEPTS), analyzer_a.loaded.info.width)
+    geometry = Geometry(analyzer_a.joint, analyzer_a.dictionary, analyzer_a.decomposition(None))
+    blue = CONCEPTS.index("blue")
+    assert torch.allclose(g[blue], geometry.residual_direction("blue"))
+    assert torch.allclose(g.norm(dim=1), torch.ones(len(CONCEPTS), dtype=g.dtype))
+    # write_capacity is Geometry.head_coords' squared norm, for all directions at once
+    layer, svd = next(iter(analyzer_a.decomposition(None).items()))
+    coords = geometry.head_coords(g[blue])[layer]
+    assert torch.allclose(write_capacity(svd, g)[:, blue], (coords ** 2).sum(1))
+
+
+@pytest.mark.parametrize("profile", ["capacity", "relative-capacity"])
+def test_capacity_profiles_are_shares_and_ignore_the_sign_of_singular_vectors(analyzer_a, profile):
+    p = head_profiles(analyzer_a, layers=None, profile=profile)
+    assert p.profiles.shape == (len(analyzer_a.decomposition(None)) * analyzer_a.loaded.info.heads, len(CONCEPTS))
+    assert bool((p.profiles >= 0).all())
+    assert torch.allclose(p.profiles.sum(1), torch.ones(len(p.heads)), atol=1e-5)
+    # flip the sign of some singular vector pairs (u_j, v_j) -> (-u_j, -v_j): the same W_VO
+    every = list(range(analyzer_a.loaded.info.layers))
+    signs = torch.where(torch.rand(analyzer_a.loaded.info.heads, 16, generator=torch.Generator().manual_seed(1)) < 0.5,
+                        -1.0, 1.0)
+    for layer, svd in analyzer_a.decomposition(every).items():
+        s = signs[:, : svd.S.shape[1]][:, None, :]
+        analyzer_a._svd[layer] = LayerSVD(layer=layer, U=svd.U * s, S=svd.S, V=svd.V * s)
+    flipped = head_profiles(analyzer_a, layers=None, profile=profile)
+    assert torch.allclose(flipped.profiles, p.profiles, atol=1e-6)
+    # the coder's options do not enter a capacity profile
+    assert torch.equal(head_profiles(analyzer_a, None, "comp", 2, 0.9, profile=profile).profiles, flipped.profiles)
+
+
+def test_a_head_writing_exactly_a_concept_gets_that_concepts_largest_share(analyzer_a):
+    g = concept_directions(analyzer_a).double()
+    d = g.shape[1]
+    heads = []
+    for concept in ("blue", "water", "triangle"):
+        c = CONCEPTS.index(concept)
+        v = torch.zeros(d, 2, dtype=torch.float64)
+        v[:, 0] = g[c]  # the head writes only along ĝ_c (second direction has σ = 0)
+        v[:, 1] = torch.linalg.qr(torch.stack([g[c], torch.randn(d, dtype=torch.float64)], 1))[0][:, 1]
+        heads.append((c, v))
+    svd = LayerSVD(layer=0, U=torch.zeros(3, d, 2), S=torch.tensor([[2.0, 0.0]] * 3),
+                   V=torch.stack([v for _, v in heads]).float())
+    capacity = write_capacity(svd, g)
+    for h, (c, _) in enumerate(heads):
+        assert int(capacity[h].argmax()) == c
+        assert float(capacity[h, c]) == pytest.approx(4.0, rel=1e-5)  # σ² · ‖ĝ_c‖²: all of it
+        assert bool((capacity[h] <= capacity[h, c] + 1e-9).all())
+
+
+def test_relative_capacity_divides_by_the_towers_mean_head_and_ignores_which_layers_are_profiled(analyzer_a):
+    every = list(range(analyzer_a.loaded.info.layers))
+    g = concept_directions(analyzer_a)
+    raw = torch.cat([write_capacity(svd, g) for svd in analyzer_a.decomposition(every).values()])
+    expected = raw / raw.mean(0, keepdim=True)
+    expected = expected / expected.sum(1, keepdim=True)
+    full = capacity_profiles(analyzer_a, every, relative=True)
+    assert torch.allclose(full.profiles.double(), expected, atol=1e-6)
+    last = capacity_profiles(analyzer_a, [-1], relative=True)
+    assert torch.allclose(last.profiles, full.profiles[-analyzer_a.loaded.info.heads:], atol=1e-6)
+    plain = capacity_profiles(analyzer_a, [-1], relative=False)
+    assert not torch.allclose(plain.profiles, last.profiles, atol=1e-4)
+    with pytest.raises(InvalidInput) as info:
+        head_profiles(analyzer_a, profile="bogus")
+    assert info.value.field == "profile"
+
+
+def test_category_permutation_moves_each_category_as_one_block():
+    concepts = CONCEPTS[:14]
+    blocks = category_blocks(concepts, CATEGORIES)
+    assert sorted(i for b in blocks for i in b) == list(range(14))  # every column in exactly one block
+    assert [concepts[i] for i in blocks[0]] == [c for c in CATEGORIES["colour"] if c in concepts]
+    rng = np.random.default_rng(0)
+    profiles = rng.random((10, 14))
+    shuffled = category_permutation(profiles, blocks, rng)
+    for block in blocks:
+        rows = [int(np.flatnonzero(np.all(profiles[:, block] == shuffled[r, block], axis=1))[0]) for r in range(10)]
+        assert sorted(rows) == list(range(10))  # a permutation of B's heads, the same for the whole block
+    assert np.allclose(shuffled.sum(0), profiles.sum(0))
+    assert not np.allclose(shuffled, profiles)
+
+
+def _factor_heads(seed: int, n_heads: int = 12) -> torch.Tensor:
+    """Dense profiles over 3 categories × 4 concepts + 2 others: each head loads on each category with
+    its own random weight, spread over the category's concepts the same way in every head (related
+    concepts move together, as capacities along correlated text directions do). Nothing else is shared."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.tensor([1.0, 0.8, 0.6, 0.4])
+    loading = torch.rand(n_heads, 3, generator=g) ** 3
+    parts = [loading[:, k:k + 1] * spread for k in range(3)] + [0.2 * torch.ones(n_heads, 2)]
+    return torch.cat(parts, 1) + 0.01 * torch.rand(n_heads, 14, generator=g)
+
+
+def test_the_categories_null_is_valid_for_dense_profiles_where_the_usage_null_is_not():
+    concepts = ["red", "blue", "green", "yellow", "circle", "square", "triangle", "star",
+                "water", "land", "snow", "forest", "dog", "car"]
+    usage_p, block_p = [], []
+    for pair in range(8):
+        a = HeadProfiles([(0, i) for i in range(12)], _factor_heads(100 + 2 * pair), concepts)
+        b = HeadProfiles([(0, i) for i in range(12)], _factor_heads(101 + 2 * pair), concepts)
+        observed = float(np.mean([m.score for m in match_profiles(a, b)[0]]))
+        usage_p.append(permutation_p(observed, null_scores(a, b, 100, seed=pair)))
+        block_p.append(permutation_p(observed, null_scores(a, b, 100, seed=pair, kind="categories",
+                                                           categories=CATEGORIES)))
+    assert sum(p < 0.05 for p in usage_p) >= 6  # unrelated models called alike: the usage null is too easy here
+    assert np.median(block_p) > 0.2 and sum(p < 0.05 for p in block_p) <= 2
+    a = HeadProfiles([(0, i) for i in range(12)], _factor_heads(7), concepts)
+    assert permutation_p(1.0, null_scores(a, a, 50, kind="categories", categories=CATEGORIES)) < 0.05
+    with pytest.raises(InvalidInput) as info:
+        null_scores(a, a, 10, kind="categories")
+    assert info.value.field == "categories"
+
+
+def test_label_agreement_per_label():
+    labels_a = ["colour", "colour", "shape", "background", "background", "background"]
+    labels_b = ["colour", "shape", "shape", "background", "background", "colour"]
+    pairs = [(i, i) for i in range(6)]
+    result = label_agreement(pairs, labels_a, labels_b, permutations=400)
+    per = result["per_label"]
+    assert set(per) == {"colour", "shape", "background"}
+    assert (per["colour"]["agreeing"], per["colour"]["pairs"]) == (1, 2)
+    assert (per["shape"]["agreeing"], per["shape"]["pairs"]) == (1, 1)
+    assert (per["background"]["agreeing"], per["background"]["pairs"]) == (2, 3)
+    assert sum(row["agreeing"] for row in per.values()) == result["agreeing"] == 4
+    # chance of an L-head of A meeting an L-head of B: pairs · (B's L-heads / B's heads)
+    assert per["colour"]["chance_mean"] == pytest.approx(2 * 2 / 6, abs=0.1)
+    assert per["background"]["chance_mean"] == pytest.approx(3 * 2 / 6, abs=0.15)
+    assert all(0 < row["p_value"] <= 1 for row in per.values())
+
+
+def test_match_report_profiles_and_schema(models, tmp_path):
+    from sith.adaptation.reports import match_report
+    from sith.cli.adapt import match
+
+    a, b = models
+    analyzer_a = Analyzer(a, build_dictionary(a, CONCEPTS, cache_dir=tmp_path))
+    analyzer_b = Analyzer(b, build_dictionary(b, CONCEPTS, cache_dir=tmp_path))
+    results = {}
+    for profile in PROFILES:
+        result, extras = match_report(analyzer_a, analyzer_b, None, None, CATEGORIES, k=3, permutations=10,
+                                      profile=profile)
+        assert result["profile"] == profile and result["category_null"]["kind"] == "categories"
+        assert 0 < result["category_null"]["p_value"] <= 1 and result["null"]["kind"] == "usage"
+        results[profile] = extras["profiles_a"].profiles
+    assert not torch.allclose(results["comp"], results["relative-capacity"])
+    assert DEFAULT_PROFILE == "relative-capacity"
+    default, _ = match_report(analyzer_a, analyzer_b, None, None, None, k=3, permutations=5)
+    assert default["profile"] == "comp" and "category_null" not in default  # the library default (worker jobs)
+    with pytest.raises(InvalidInput):
+        match_report(analyzer_a, analyzer_b, profile="sparse")
+    choice = next(p for p in match.params if p.name == "profile")
+    assert sorted(choice.type.choices) == sorted(PROFILES) and choice.default == DEFAULT_PROFILE
+
+
+def test_capacity_is_per_head_and_relative_capacity_follows_the_tower(tmp_path):
+    """A planted change in one head leaves every other head's capacity profile exactly as it was;
+    the relative profile of the untouched heads moves with the tower's mean (why fine-tune
+    comparisons keep "capacity" or "comp")."""
+    from adaptation_fixtures import plant_rank_one
+
+    base = tiny_clip(0)
+    write = torch.randn(TINY_CFG["vision_cfg"]["width"], generator=torch.Generator().manual_seed(1))
+    a = save_and_load(base, TINY_CFG, tmp_path, "base")
+    b = save_and_load(plant_rank_one(base, 1, 2, write), TINY_CFG, tmp_path, "planted")
+    analyzers = [Analyzer(m, build_dictionary(m, CONCEPTS, cache_dir=tmp_path)) for m in (a, b)]
+    untouched = [i for i, h in enumerate(head_profiles(analyzers[0], None, profile="capacity").heads) if h != (1, 2)]
+    for profile, same in (("capacity", True), ("relative-capacity", False)):
+        pa, pb = (head_profiles(x, None, profile=profile).profiles for x in analyzers)
+        assert torch.allclose(pa[untouched], pb[untouched], atol=1e-6) is same
+        changed = pa.shape[0] - len(untouched)
+        assert changed == 1 and not torch.allclose(pa, pb, atol=1e-4)

@@ -15,6 +15,7 @@ import numpy as np
 from sith.adaptation.delta import analyze_delta
 from sith.adaptation.stability import layer_stability, stability
 from sith.adaptation.universality import (
+    PROFILES,
     GroundTruth,
     align_ground_truth,
     category_shares,
@@ -84,19 +85,31 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
                  categories: Mapping[str, Sequence[str]] | None = None, method: str = "comp",
                  k: int = DEFAULT_K, coherence: float = DEFAULT_COHERENCE, permutations: int = 200,
                  step: Step = _noop, ground_truth: tuple[GroundTruth, GroundTruth] | None = None,
-                 seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+                 seed: int = 0, profile: str = "comp") -> tuple[dict[str, Any], dict[str, Any]]:
     """(JSON result, extras for plotting) of matching A's heads to B's over one shared vocabulary.
 
-    Besides the matches: the concept-usage-preserving null with its permutation p-value (the
-    headline chance level), the old label-shuffle null for comparison, the mean over all head pairs,
-    the full similarity matrix, and the agreement of matched pairs' labels (dominant concept
-    category; ground-truth factor when ``ground_truth`` is given; layer when depths are equal)
-    against a permutation of B's labels.
+    ``profile`` (``universality.PROFILES``): "comp" (the paper's sparse-code histogram; ``method``,
+    ``k``, ``coherence`` apply to it only), "capacity" or "relative-capacity" (data-free write
+    capacities; ``universality.DEFAULT_PROFILE``, the CLI's default, chosen on the same-family
+    validation pair, docs/towers.md). The library default stays "comp": a relative-capacity
+    profile moves when any head of its tower changes, so a model matched with its own fine-tune
+    (the worker job's use) no longer pairs its untouched heads exactly.
+
+    Besides the matches: the concept-usage-preserving null with its permutation p-value, with
+    categories also the category-block null (the fairer one for capacity profiles, whose related
+    concepts move together; ``universality`` module docstring), the old label-shuffle null for
+    comparison, the mean over all head pairs, the full similarity matrix, and the agreement of
+    matched pairs' labels (dominant concept category; ground-truth factor when ``ground_truth`` is
+    given, overall and per label; layer when depths are equal) against a permutation of B's labels.
     """
+    if profile not in PROFILES:
+        from sith.engine.errors import InvalidInput
+
+        raise InvalidInput("profile", f"unknown profile {profile!r}", suggestions=list(PROFILES))
     step(0.05, "profiling heads of model A")
-    pa = head_profiles(analyzer_a, layers_a, method, k, coherence)
+    pa = head_profiles(analyzer_a, layers_a, method, k, coherence, profile=profile)
     step(0.5, "profiling heads of model B")
-    pb = head_profiles(analyzer_b, layers_b, method, k, coherence)
+    pb = head_profiles(analyzer_b, layers_b, method, k, coherence, profile=profile)
     step(0.8, "matching and permutation tests")
     matches, sim = match_profiles(pa, pb, categories)
     observed = float(np.mean([m.score for m in matches]))
@@ -109,7 +122,7 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
     result = {
         "a": {"name": analyzer_a.loaded.name, "hash": analyzer_a.loaded.hash, "heads": len(pa.heads)},
         "b": {"name": analyzer_b.loaded.name, "hash": analyzer_b.loaded.hash, "heads": len(pb.heads)},
-        "vocabulary_size": len(pa.concepts), "method": method, "k": k, "coherence": coherence,
+        "vocabulary_size": len(pa.concepts), "method": method, "k": k, "coherence": coherence, "profile": profile,
         "mean_score": observed, "null_mean_score": float(null.mean()), "null_std": std,
         "null": {"kind": "usage", "description": "each concept permuted across B's heads (concept usage kept)",
                  "permutations": permutations, "mean": float(null.mean()), "std": std,
@@ -125,6 +138,14 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
     }
     agreement: dict[str, Any] = {}
     if categories:
+        block_null = null_scores(pa, pb, permutations, seed=seed, kind="categories", categories=categories)
+        block_std = float(block_null.std())
+        result["category_null"] = {
+            "kind": "categories", "permutations": permutations,
+            "description": "each category's concepts permuted across B's heads as one block (usage and "
+                           "within-category structure kept; the fairer chance for capacity profiles)",
+            "mean": float(block_null.mean()), "std": block_std, "p_value": permutation_p(observed, block_null),
+            "z": (observed - float(block_null.mean())) / block_std if block_std > 0 else None}
         names, sa = category_shares(pa, categories)
         _, sb = category_shares(pb, categories)
         spec_a, spec_b = specialisation(sa, names), specialisation(sb, names)

@@ -24,6 +24,32 @@ per head, η² (bias-corrected: ε²) of each factor on the head's direct write 
 space (``ground_truth_eta2``). A head's label is its largest-η² factor. Matched pairs' label
 agreement is tested against a permutation of B's labels across its heads (label usage kept).
 
+**Profiles** (``PROFILES``, issue 13). COMP codes name the right concept for only about a third of
+singular vectors, so the sparse profile above is noisy. The data-free **capacity** profile needs no
+coding and no sign convention: for concept c with pulled-back direction ĝ_c (the unit residual
+direction whose write moves the embedding's score along c's centred text direction; the edit
+planner's ``Geometry.pull_back``), head h's capacity along c is ‖diag(σ) Vᵀ ĝ_c‖², everything the
+head can write along ĝ_c, and its profile is the capacity normalised over the vocabulary. The
+**relative capacity** profile (``DEFAULT_PROFILE``, the default of ``sith adapt match``, chosen
+on the same-family validation pair main ↔ small, docs/towers.md) first divides each concept's
+capacity by the mean capacity of all heads of the whole tower: directions the readout amplifies
+for every head (the tower's common write) stop dominating, and what is left is what sets this
+head apart. The tower-wide mean keeps a head's profile independent of which other layers are
+profiled, but not of the other heads: when one head changes (a fine-tune), every head's relative
+profile moves. Matching a model with its own fine-tune therefore uses "capacity" (per head,
+exact) or "comp"; ``match_report`` keeps "comp" as its default for that reason.
+
+**Chance for dense profiles.** Capacities of related concepts (all colours, all backgrounds) move
+together within a head, because their text directions are correlated. Permuting each concept's
+column on its own (the usage null) breaks that correlation, so the permuted heads are incoherent
+and an *untrained* tower beats the usage null on capacity profiles. With categories, the
+``categories`` null moves every category's block of columns across B's heads as a unit (one
+permutation per category; concepts in no category form one more block): each concept's usage and
+the within-category structure are kept, and only which head carries which factor is destroyed.
+On the testbed 4 of 5 untrained controls sit at this null, one (main ↔ small-s1) still beats
+it (docs/towers.md): closer to valid than the usage null for capacity profiles, not exact, so
+read a matched score's excess next to the untrained control's.
+
 With named concept categories (e.g. the testbed's factors), each head also gets a specialisation:
 the category holding the largest share of its in-category profile mass, if that share is at least
 ``SPECIALISED_SHARE``.
@@ -42,12 +68,15 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from sith.engine.analysis import Analyzer
-from sith.engine.decomposition import resolve_layers
+from sith.engine.decomposition import LayerSVD, resolve_layers
 from sith.engine.errors import InvalidInput
 from sith.engine.sparse import DEFAULT_COHERENCE, DEFAULT_K
 
 SPECIALISED_SHARE = 0.5
-NULL_KINDS = ("usage", "labels")
+NULL_KINDS = ("usage", "labels", "categories")
+# Head profiles by name (module docstring): the paper's sparse COMP histogram and the data-free capacities.
+PROFILES = ("comp", "capacity", "relative-capacity")
+DEFAULT_PROFILE = "relative-capacity"
 # Factors whose η² labels a head (``group`` is nested in ``shape``, so it is left out).
 GROUND_TRUTH_FACTORS = ("shape", "colour", "background", "texture", "size", "count", "position")
 
@@ -60,8 +89,16 @@ class HeadProfiles:
 
 
 def head_profiles(analyzer: Analyzer, layers: int | Sequence[int] | None = None, method: str = "comp",
-                  k: int = DEFAULT_K, coherence: float = DEFAULT_COHERENCE) -> HeadProfiles:
-    """Concept profile of every head of the chosen layers (default the last four)."""
+                  k: int = DEFAULT_K, coherence: float = DEFAULT_COHERENCE, profile: str = "comp") -> HeadProfiles:
+    """Concept profile of every head of the chosen layers (default the last four).
+
+    ``profile``: "comp" (the paper's σ-weighted histogram of sparse codes; ``method``, ``k`` and
+    ``coherence`` choose the coder), "capacity" or "relative-capacity" (data-free write capacities,
+    ``capacity_profiles``; the coder options are ignored)."""
+    if profile not in PROFILES:
+        raise InvalidInput("profile", f"unknown profile {profile!r}", suggestions=list(PROFILES))
+    if profile != "comp":
+        return capacity_profiles(analyzer, layers, relative=profile == "relative-capacity")
     n = len(analyzer.dictionary.concepts)
     heads, rows = [], []
     for layer in resolve_layers(analyzer.loaded.info, layers):
@@ -74,6 +111,73 @@ def head_profiles(analyzer: Analyzer, layers: int | Sequence[int] | None = None,
         heads += [(layer, h) for h in range(num_heads)]
         rows.append(profile)
     return HeadProfiles(heads=heads, profiles=torch.cat(rows), concepts=list(analyzer.dictionary.concepts))
+
+
+def concept_directions(analyzer: Analyzer) -> Tensor:
+    """[N, d] unit pulled-back direction ĝ_c of every dictionary concept, in the residual stream.
+
+    The edit planner's ``Geometry.pull_back`` of c's unit centred text direction: ĝ_c = C(Π r̂_c)
+    with Π the readout's linear part (``pullback_matrix``: diag(γ_post) P for open_clip). A head's
+    write w moves the embedding's score along r̂_c by w·ĝ_c to first order, whatever the tower."""
+    from sith.edits.operators import Geometry
+
+    geometry = Geometry(analyzer.joint, analyzer.dictionary, {})
+    return torch.stack([geometry.residual_direction(c) for c in analyzer.dictionary.concepts])
+
+
+def write_capacity(svd: LayerSVD, directions: Tensor) -> Tensor:
+    """[H, N] ‖diag(σ) Vᵀ g_n‖² per head and direction: the squared norm of everything head h can
+    write along g_n (``Geometry.head_coords``, for many directions at once). Flipping the sign of a
+    singular vector pair changes nothing, and no sparse code is involved."""
+    coords = svd.S.double()[:, :, None] * torch.einsum("hdr,nd->hrn", svd.V.double(), directions.double())
+    return (coords ** 2).sum(1)
+
+
+def capacity_profiles(analyzer: Analyzer, layers: int | Sequence[int] | None = None,
+                      relative: bool = True) -> HeadProfiles:
+    """Write-capacity profile of every head of the chosen layers (module docstring, "Profiles").
+
+    p_c = cap_c / Σ_c' cap_c' with cap_c = ‖diag(σ) Vᵀ ĝ_c‖² (``write_capacity``): nonnegative,
+    sums to one, sign-free. ``relative``: cap_c is first divided by the mean of cap_c over every
+    head of every layer of the tower (not only the profiled ones), so a head's profile says where
+    it writes *more than the tower's average head*, and does not depend on ``layers`` (but moves
+    when any head of the tower changes; ``relative=False`` is per head)."""
+    chosen = resolve_layers(analyzer.loaded.info, layers)
+    directions = concept_directions(analyzer)
+    every = list(range(analyzer.loaded.info.layers)) if relative else chosen
+    capacity = {layer: write_capacity(svd, directions) for layer, svd in analyzer.decomposition(every).items()}
+    rows = torch.cat([capacity[layer] for layer in chosen])
+    if relative:
+        rows = rows / torch.cat(list(capacity.values())).mean(0, keepdim=True).clamp_min(1e-30)
+    rows = rows / rows.sum(1, keepdim=True).clamp_min(1e-30)
+    heads = [(layer, h) for layer in chosen for h in range(capacity[layer].shape[0])]
+    return HeadProfiles(heads=heads, profiles=rows.float(), concepts=list(analyzer.dictionary.concepts))
+
+
+def category_blocks(concepts: Sequence[str], categories: Mapping[str, Sequence[str]]) -> list[list[int]]:
+    """Column indices per category (a concept in several goes to the first), then one block of the
+    concepts in no category: the units the ``categories`` null moves across heads."""
+    index = {c: i for i, c in enumerate(concepts)}
+    seen: set[int] = set()
+    blocks = []
+    for words in categories.values():
+        block = [index[w] for w in dict.fromkeys(words) if w in index and index[w] not in seen]
+        seen.update(block)
+        if block:
+            blocks.append(block)
+    rest = [i for i in range(len(concepts)) if i not in seen]
+    return blocks + ([rest] if rest else [])
+
+
+def category_permutation(profiles: np.ndarray, blocks: Sequence[Sequence[int]], rng: np.random.Generator) -> np.ndarray:
+    """Each block of columns permuted across the heads (rows) as a unit, one permutation per block.
+
+    Keeps every concept's usage and, within a block, which concepts go together in a head;
+    destroys only which head carries which block (factor)."""
+    out = profiles.copy()
+    for block in blocks:
+        out[:, block] = profiles[rng.permutation(profiles.shape[0])][:, block]
+    return out
 
 
 def category_shares(profiles: HeadProfiles, categories: Mapping[str, Sequence[str]]) -> tuple[list[str], Tensor]:
@@ -174,24 +278,35 @@ def _matched_mean(pa: np.ndarray, pb: np.ndarray) -> float:
 
 
 def null_scores(a: HeadProfiles, b: HeadProfiles, permutations: int = 200, seed: int = 0,
-                kind: str = "usage") -> np.ndarray:
+                kind: str = "usage", categories: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
     """Mean matched score under the null, one value per permutation.
 
     ``kind="usage"`` (default): each concept permuted across B's heads (``usage_permutation``).
+    ``kind="categories"``: each category's columns permuted across B's heads as one block
+    (``category_permutation``; needs ``categories``): the fairer null for dense (capacity) profiles,
+    whose related concepts move together.
     ``kind="labels"``: one shuffle of B's concept labels for all its heads (the pre-issue-17 null:
     it also breaks the concept usage both models share, so it is too easy; comparison only).
     """
     if kind not in NULL_KINDS:
         raise InvalidInput("null", f"unknown null {kind!r}", suggestions=list(NULL_KINDS))
+    if kind == "categories" and not categories:
+        raise InvalidInput("categories", "the categories null needs named concept categories")
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
         raise InvalidInput("permutations", f"must be a positive integer, got {permutations!r}")
     if a.concepts != b.concepts:
         raise InvalidInput("dictionary", "both models must be profiled over the same concept list")
     rng = np.random.default_rng(seed)
     pa, pb = a.profiles.double().numpy(), b.profiles.double().numpy()
+    blocks = category_blocks(b.concepts, categories) if kind == "categories" else []
     out = []
     for _ in range(permutations):
-        shuffled = usage_permutation(pb, rng) if kind == "usage" else pb[:, rng.permutation(pb.shape[1])]
+        if kind == "usage":
+            shuffled = usage_permutation(pb, rng)
+        elif kind == "categories":
+            shuffled = category_permutation(pb, blocks, rng)
+        else:
+            shuffled = pb[:, rng.permutation(pb.shape[1])]
         out.append(_matched_mean(pa, shuffled))
     return np.asarray(out)
 
@@ -207,22 +322,33 @@ def label_agreement(pairs: Sequence[tuple[int, int]], labels_a: Sequence[str | N
     """Share of matched pairs (row i of A, row j of B) whose labels agree, against chance.
 
     Chance permutes B's labels across B's heads (so how often each label occurs is kept) and
-    re-reads the same pairs; pairs with a None label count as disagreeing.
+    re-reads the same pairs; pairs with a None label count as disagreeing. ``per_label``: for each
+    label L of A, how many of A's L-heads are paired with an L-head of B, against the same
+    permutations (so a frequent label's agreement is not mistaken for skill on a rare one).
     """
     if not pairs:
-        return {"observed": float("nan"), "chance_mean": float("nan"), "p_value": 1.0, "pairs": 0}
+        return {"observed": float("nan"), "chance_mean": float("nan"), "p_value": 1.0, "pairs": 0, "per_label": {}}
     la = [labels_a[i] for i, _ in pairs]
     lb = np.asarray([labels_b[j] if labels_b[j] is not None else "" for j in range(len(labels_b))], dtype=object)
     cols = np.asarray([j for _, j in pairs])
+    la_arr = np.asarray(la, dtype=object)
 
-    def agree(b_labels: np.ndarray) -> float:
-        return float(np.mean([x is not None and x == y for x, y in zip(la, b_labels[cols])]))
+    def hits(b_labels: np.ndarray) -> np.ndarray:
+        return np.asarray([x is not None and x == y for x, y in zip(la, b_labels[cols])])
 
-    observed = agree(lb)
+    observed_hits = hits(lb)
     rng = np.random.default_rng(seed)
-    null = np.asarray([agree(lb[rng.permutation(len(lb))]) for _ in range(permutations)])
+    null_hits = np.stack([hits(lb[rng.permutation(len(lb))]) for _ in range(permutations)])  # [P, pairs]
+    observed, null = float(observed_hits.mean()), null_hits.mean(1)
+    per_label = {}
+    for label in sorted({x for x in la if x is not None}):
+        rows = la_arr == label
+        agreeing, chance = int(observed_hits[rows].sum()), null_hits[:, rows].sum(1)
+        per_label[label] = {"pairs": int(rows.sum()), "agreeing": agreeing, "chance_mean": float(chance.mean()),
+                            "p_value": permutation_p(agreeing, chance)}
     return {"observed": observed, "chance_mean": float(null.mean()), "chance_std": float(null.std()),
-            "p_value": permutation_p(observed, null), "pairs": len(pairs), "agreeing": int(round(observed * len(pairs)))}
+            "p_value": permutation_p(observed, null), "pairs": len(pairs), "agreeing": int(round(observed * len(pairs))),
+            "per_label": per_label}
 
 
 # --------------------------------------------------------------------------------------------- controls

@@ -68,7 +68,7 @@ def analyzer_for(loaded, vocabulary: str | None, no_cache: bool = False, words=_
 def common_options(command: Callable) -> Callable:
     options = [
         click.option("--layer", "-l", "layers", type=int, multiple=True, help="Layer (repeatable). Default: the last four."),
-        click.option("--vocabulary", default="auto", show_default=True,
+        click.option("--vocabulary", "--dictionary", "vocabulary", default="auto", show_default=True,
                      help="'auto' (the model decides: testbed models -> world words, others -> 20k English "
                           "words), 'default', 'testbed' or a concept file."),
         click.option("-k", "k", type=int, default=DEFAULT_K, show_default=True),
@@ -161,13 +161,19 @@ def _delta_plots(model_b, model_f, result: dict, folder: Path) -> None:
               help="Testbed models: label heads by the world factor their class-token write carries (η² on images; "
                    "MAP towers such as testbed-siglip: their token writes weighted by the pool's attention).")
 @click.option("--images", type=int, default=1000, show_default=True, help="Held-out world images for --ground-truth.")
+@click.option("--profile", type=click.Choice(["relative-capacity", "capacity", "comp"]), default="relative-capacity",
+              show_default=True,
+              help="Head profile: data-free write capacity along each concept (relative to the tower's mean head, or "
+                   "raw), or 'comp', the paper's histogram of sparse codes (-k/--coherence apply to it only).")
 @common_options
-def match(model_a: str, model_b: str, categories, all_layers, permutations, control, ground_truth, images, layers,
-          vocabulary, k, coherence, device, no_cache, as_json, plot_dir) -> None:
+def match(model_a: str, model_b: str, categories, all_layers, permutations, control, ground_truth, images, profile,
+          layers, vocabulary, k, coherence, device, no_cache, as_json, plot_dir) -> None:
     """Match MODEL_A's heads to MODEL_B's by what they encode (concept profiles, Hungarian matching).
 
     The chance level keeps each model's concept usage (every concept permuted across B's heads) and
-    comes with its permutation p-value; the old label shuffle is shown for comparison.
+    comes with its permutation p-value; with --categories also the category-block chance (each
+    category moved across B's heads as one block: the fairer one for capacity profiles); the old
+    label shuffle is shown for comparison.
     """
     from sith.adaptation.reports import match_report
     from sith.adaptation.universality import ground_truth_eta2, untrained_vision_control
@@ -196,7 +202,7 @@ def match(model_a: str, model_b: str, categories, all_layers, permutations, cont
                 truth = (ground_truth_eta2(one.loaded, images), ground_truth_eta2(two.loaded, images))
         with err.status(f"Profiling and matching heads of {one.loaded.name} and {two.loaded.name}..."):
             results.append(match_report(one, two, la, lb, cats, k=k, coherence=coherence, permutations=permutations,
-                                        ground_truth=truth))
+                                        ground_truth=truth, profile=profile))
     result, extras = results[0]
     if plot_dir:
         _match_plots(result, extras, cats, Path(plot_dir))
@@ -209,8 +215,9 @@ def match(model_a: str, model_b: str, categories, all_layers, permutations, cont
 
 def _print_match(result: dict) -> None:
     null = result["null"]
-    table = Table(title=f"Head matches {result['a']['name']} ↔ {result['b']['name']}: mean {result['mean_score']:.3f}; "
-                        f"chance (concept usage kept) {null['mean']:.3f} ± {null['std']:.3f}, p = {null['p_value']:.3f}")
+    table = Table(title=f"Head matches {result['a']['name']} ↔ {result['b']['name']} ({result.get('profile', 'comp')} "
+                        f"profiles): mean {result['mean_score']:.3f}; chance (concept usage kept) {null['mean']:.3f} ± "
+                        f"{null['std']:.3f}, p = {null['p_value']:.3f}")
     for col in ("A", "B", "score", "mutual", "category A", "category B", "truth A", "truth B", "shared concepts"):
         table.add_column(col)
     for m in result["matches"]:
@@ -222,9 +229,17 @@ def _print_match(result: dict) -> None:
     out.print(f"mean over all {len(result['similarity']['heads_a'])}×{len(result['similarity']['heads_b'])} head pairs: "
               f"{result['all_pairs_mean']:.3f}; label-shuffle chance (too easy, for comparison): "
               f"{old['mean']:.3f} ± {old['std']:.3f}; mutual pairs {result['mutual']}/{len(result['matches'])}")
+    block = result.get("category_null")
+    if block:
+        out.print(f"category-block chance (each category moved across B's heads as one block): {block['mean']:.3f} ± "
+                  f"{block['std']:.3f}, p = {block['p_value']:.3f}")
     for name, agr in result.get("agreement", {}).items():
         out.print(f"matched pairs with the same {name.replace('_', ' ')}: {agr['agreeing']}/{agr['pairs']} "
                   f"({agr['observed']:.2f}) vs chance {agr['chance_mean']:.2f}, p = {agr['p_value']:.3f}")
+        if name.startswith("ground_truth"):
+            out.print("  per label of A: " + "; ".join(
+                f"{label} {row['agreeing']}/{row['pairs']} (chance {row['chance_mean']:.2f}, p = {row['p_value']:.3f})"
+                for label, row in agr.get("per_label", {}).items()))
 
 
 def _match_plots(result: dict, extras: dict, categories, folder: Path) -> None:
@@ -282,7 +297,7 @@ def plot() -> None:
 @plot.command("themes")
 @click.argument("model")
 @click.option("--out", "stem", required=True, type=click.Path(), help="Output path without extension.")
-@click.option("--vocabulary", default="auto", show_default=True,
+@click.option("--vocabulary", "--dictionary", "vocabulary", default="auto", show_default=True,
               help="'auto' (the model decides), 'default', 'testbed' or a concept file.")
 @click.option("--categories", default="testbed", show_default=True)
 @click.option("--all-layers", is_flag=True)
