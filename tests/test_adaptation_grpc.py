@@ -68,6 +68,7 @@ def test_delta_and_matching_operations(srv):
         assert final.metadata.state == pb.OperationMetadata.SUCCEEDED, final
         result = response(final, apb.MatchReport)
         assert result.mean_score == pytest.approx(1.0) and len(result.matches) == 4
+        assert result.profile == "relative-capacity"  # unset HeadProfile = the library default
         assert all((m.a.layer, m.a.head) == (m.b.layer, m.b.head) for m in result.matches)
         _check_universality_statistics(result)
 
@@ -101,7 +102,8 @@ def test_bad_requests_are_rejected_before_queueing(srv):
     for request, code, text in ((apb.AnalyzeDeltaRequest(base=base), INVALID, "finetuned"),
                                 (apb.AnalyzeDeltaRequest(base=base, finetuned=base, layers=[9]), INVALID, "layer 9"),
                                 (apb.AnalyzeDeltaRequest(base=base, finetuned=base, k=99), INVALID, "k"),
-                                (apb.MatchHeadsRequest(model_a=base, model_b="nope"), NOT_FOUND, "nope")):
+                                (apb.MatchHeadsRequest(model_a=base, model_b="nope"), NOT_FOUND, "nope"),
+                                (apb.MatchHeadsRequest(model_a=base, model_b=base, profile=7), INVALID, "profile")):
         call = stub.AnalyzeDelta if isinstance(request, apb.AnalyzeDeltaRequest) else stub.MatchHeads
         with pytest.raises(grpc.RpcError) as info:
             call(request, timeout=10)

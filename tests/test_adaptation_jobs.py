@@ -36,8 +36,9 @@ def test_delta_and_universality_jobs(shared, prefix, pair):
     common = {"dictionary": CONCEPTS, "k": 3}
     (delta, match, missing, mismatch), _ = _run(shared, prefix, [
         ("adapt_delta", {"base": base, "finetuned": ft, "layers": [1, 2], "top": 2, **common}),
+        # a model against its own fine-tune: the per-head profile, so untouched heads pair with themselves
         ("universality", {"model_a": base, "model_b": ft, "categories": {"water": ["water", "snow"]},
-                          "permutations": 5, "image_mean": "none", **common}),
+                          "permutations": 5, "image_mean": "none", "profile": "capacity", **common}),
         ("adapt_delta", {"base": base, **common}),
         ("universality", {"model_a": base, "model_b": ft, "categories": "colours", **common}),
     ])
@@ -53,6 +54,7 @@ def test_delta_and_universality_jobs(shared, prefix, pair):
     untouched = [m for m in matched.matches if m.a.layer != 1]
     assert all(m.a == m.b and m.score == pytest.approx(1.0) for m in untouched)
     assert set(matched.specialised.a) <= {"water"}
+    assert matched.profile == "capacity" and matched.category_null.permutations == 5
     assert missing.state == "failed" and missing.error["field"] == "finetuned"
     assert mismatch.state == "failed" and mismatch.error["field"] == "categories"
 

@@ -428,7 +428,7 @@ def test_match_report_profiles_and_schema(models, tmp_path):
     assert not torch.allclose(results["comp"], results["relative-capacity"])
     assert DEFAULT_PROFILE == "relative-capacity"
     default, _ = match_report(analyzer_a, analyzer_b, None, None, None, k=3, permutations=5)
-    assert default["profile"] == "comp" and "category_null" not in default  # the library default (worker jobs)
+    assert default["profile"] == DEFAULT_PROFILE and "category_null" not in default  # one default: CLI, jobs, SDK
     with pytest.raises(InvalidInput):
         match_report(analyzer_a, analyzer_b, profile="sparse")
     choice = next(p for p in match.params if p.name == "profile")

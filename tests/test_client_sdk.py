@@ -360,6 +360,7 @@ def test_bad_edit_arguments_are_invalid_argument_before_sending(kwargs: dict, fi
     (lambda c: c.find([]), "concepts"),
     (lambda c: c.embed_texts("x", edit="tenants/t/edits/" + "a" * 32), "edit"),
     (lambda c: c.edits(page_size=101).__next__(), "page_size"),
+    (lambda c: c.match_heads("a", "b", profile="sparse"), "profile"),
 ])
 def test_client_checks_the_same_bounds_as_the_server(call, field: str) -> None:
     """Rejected locally (nothing listens on the port), from the proto's declared bounds."""

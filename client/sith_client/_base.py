@@ -40,6 +40,9 @@ DOWNLOAD_CHUNK = 8 << 20     # bytes per DownloadEdit message (the channel accep
 # download(transport=): "auto" = the server's signed HTTP URL when it offers one, else (or when that
 # fails part-way) the DownloadEdit stream; "grpc" = the stream only; "http" = fail if HTTP is not offered.
 TRANSPORTS = ("auto", "grpc", "http")
+# match_heads(profile=): how each head is summarised before matching (sith.v1.HeadProfile).
+PROFILES = {"relative-capacity": apb.HEAD_PROFILE_RELATIVE_CAPACITY, "capacity": apb.HEAD_PROFILE_CAPACITY,
+            "comp": apb.HEAD_PROFILE_COMP}
 
 
 def checked(request: Message) -> Message:
@@ -132,10 +135,13 @@ class BaseClient:
     @staticmethod
     def _match_request(model_a: str, model_b: str, layers_a: Sequence[int] | None, layers_b: Sequence[int] | None,
                        k: int | None, coherence: float | None, testbed_vocabulary: bool,
-                       testbed_categories: bool) -> apb.MatchHeadsRequest:
+                       testbed_categories: bool, profile: str | None = None) -> apb.MatchHeadsRequest:
+        if profile is not None and profile not in PROFILES:
+            raise invalid_argument("profile", f"expected one of {', '.join(PROFILES)}, got {profile!r}")
         req = apb.MatchHeadsRequest(
             model_a=model_a, model_b=model_b, layers_a=list(layers_a or ()), layers_b=list(layers_b or ()),
             k=given(apb.MatchHeadsRequest, "k", k) or 0, testbed_categories=testbed_categories,
+            profile=PROFILES[profile] if profile is not None else apb.HEAD_PROFILE_UNSPECIFIED,
             vocabulary=apb.VOCABULARY_TESTBED if testbed_vocabulary else apb.VOCABULARY_UNSPECIFIED)
         if coherence is not None:
             req.coherence = coherence

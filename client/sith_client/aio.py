@@ -113,11 +113,13 @@ class AsyncClient(BaseClient):
 
     async def match_heads(self, model_a: str, model_b: str, *, layers_a: Sequence[int] | None = None,
                     layers_b: Sequence[int] | None = None, k: int | None = None, coherence: float | None = None,
-                    testbed_vocabulary: bool = False, testbed_categories: bool = False, wait: bool = True,
+                    testbed_vocabulary: bool = False, testbed_categories: bool = False,
+                    profile: str | None = None, wait: bool = True,
                     timeout: float | None = None, progress: _progress.ProgressArg = False) -> apb.MatchReport:
-        """Which heads of two models encode the same concepts."""
+        """Which heads of two models encode the same concepts. ``profile``: "relative-capacity" (unset:
+        the server's default), "capacity" (a model against its own fine-tune) or "comp" (the paper's)."""
         req = self._match_request(model_a, model_b, layers_a, layers_b, k, coherence, testbed_vocabulary,
-                                  testbed_categories)
+                                  testbed_categories, profile)
         return await self._start(self._adaptation.MatchHeads, req, apb.MatchReport, wait, timeout, progress)
 
     # --- operations --------------------------------------------------------------------------

@@ -304,7 +304,8 @@ def universality_study(models: list[Path], permutations: int, images: int, out: 
         ma, mb = everything[a], everything[b]
         result, extras = match_report(analyzers[a], analyzers[b], list(range(ma.info.layers)),
                                       list(range(mb.info.layers)), categories, permutations=permutations,
-                                      ground_truth=(truth[a], truth[b]) if truth[a] and truth[b] else None)
+                                      ground_truth=(truth[a], truth[b]) if truth[a] and truth[b] else None,
+                                      profile="comp")  # the published universality tables use the paper's profile
         same_arch = arch[a] == arch[b]
         rows.append({"a": a, "b": b, "kind": kind, "same_architecture": same_arch,
                      "matched_mean": result["mean_score"], "null_mean": result["null"]["mean"],

@@ -15,6 +15,7 @@ import numpy as np
 from sith.adaptation.delta import analyze_delta
 from sith.adaptation.stability import layer_stability, stability
 from sith.adaptation.universality import (
+    DEFAULT_PROFILE,
     PROFILES,
     GroundTruth,
     align_ground_truth,
@@ -85,15 +86,15 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
                  categories: Mapping[str, Sequence[str]] | None = None, method: str = "comp",
                  k: int = DEFAULT_K, coherence: float = DEFAULT_COHERENCE, permutations: int = 200,
                  step: Step = _noop, ground_truth: tuple[GroundTruth, GroundTruth] | None = None,
-                 seed: int = 0, profile: str = "comp") -> tuple[dict[str, Any], dict[str, Any]]:
+                 seed: int = 0, profile: str = DEFAULT_PROFILE) -> tuple[dict[str, Any], dict[str, Any]]:
     """(JSON result, extras for plotting) of matching A's heads to B's over one shared vocabulary.
 
     ``profile`` (``universality.PROFILES``): "comp" (the paper's sparse-code histogram; ``method``,
     ``k``, ``coherence`` apply to it only), "capacity" or "relative-capacity" (data-free write
-    capacities; ``universality.DEFAULT_PROFILE``, the CLI's default, chosen on the same-family
-    validation pair, docs/towers.md). The library default stays "comp": a relative-capacity
-    profile moves when any head of its tower changes, so a model matched with its own fine-tune
-    (the worker job's use) no longer pairs its untouched heads exactly.
+    capacities). The default, ``universality.DEFAULT_PROFILE`` (relative capacity, chosen on the
+    same-family validation pair, docs/towers.md), is the same for the CLI, the worker job and the
+    SDK. A relative-capacity profile moves when any head of its tower changes, so a model matched
+    with its own fine-tune should pass "capacity" (per head, exact) or "comp".
 
     Besides the matches: the concept-usage-preserving null with its permutation p-value, with
     categories also the category-block null (the fairer one for capacity profiles, whose related

@@ -36,8 +36,8 @@ capacity by the mean capacity of all heads of the whole tower: directions the re
 for every head (the tower's common write) stop dominating, and what is left is what sets this
 head apart. The tower-wide mean keeps a head's profile independent of which other layers are
 profiled, but not of the other heads: when one head changes (a fine-tune), every head's relative
-profile moves. Matching a model with its own fine-tune therefore uses "capacity" (per head,
-exact) or "comp"; ``match_report`` keeps "comp" as its default for that reason.
+profile moves. Matching a model with its own fine-tune should therefore use "capacity" (per
+head, exact) or "comp".
 
 **Chance for dense profiles.** Capacities of related concepts (all colours, all backgrounds) move
 together within a head, because their text directions are correlated. Permuting each concept's

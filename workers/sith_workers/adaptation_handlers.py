@@ -5,7 +5,7 @@ Payloads (all keys optional unless marked):
                  coherence=0.3, dictionary | vocabulary="testbed", image_mean}
   universality  {model_a (required), model_b (required), layers_a, layers_b, k=5, coherence=0.3,
                  dictionary | vocabulary="testbed", categories ("testbed" or {category: [concepts]}),
-                 permutations=20}
+                 permutations=20, profile="relative-capacity" | "capacity" | "comp"}
 Models are references as for the other kinds. Both models of a universality job are coded over the
 same concept list (each with its own text tower), which is what makes their profiles comparable.
 Results are the documents of ``sith.adaptation.reports`` (what ``sith adapt ... --json`` prints) as
@@ -76,6 +76,7 @@ def adapt_delta(ctx, payload: dict):
 
 def universality(ctx, payload: dict):
     from sith.adaptation.reports import match_report
+    from sith.adaptation.universality import DEFAULT_PROFILE
     from sith_workers.results import match_report as typed
 
     ref_a, ref_b = _required(payload, "model_a"), _required(payload, "model_b")
@@ -86,5 +87,6 @@ def universality(ctx, payload: dict):
     result, _ = match_report(analyzer_a, analyzer_b, payload.get("layers_a"), payload.get("layers_b"),
                              _categories(payload), k=_int(payload, "k", 5, 1, 50),
                              coherence=payload.get("coherence", 0.3),
-                             permutations=_int(payload, "permutations", 20, 1, 1000), step=ctx.step)
+                             permutations=_int(payload, "permutations", 20, 1, 1000), step=ctx.step,
+                             profile=payload.get("profile", DEFAULT_PROFILE))
     return typed(result)

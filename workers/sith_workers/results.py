@@ -166,6 +166,9 @@ def match_report(d: Mapping[str, Any]) -> apb.MatchReport:
         out.usage_null.CopyFrom(_null(d["null"], "usage"))
     if d.get("label_shuffle_null") is not None:
         out.label_shuffle_null.CopyFrom(_null(d["label_shuffle_null"], "labels"))
+    if d.get("category_null") is not None:
+        out.category_null.CopyFrom(_null(d["category_null"], "categories"))
+    out.profile = str(d.get("profile", ""))
     out.all_pairs_mean = _f(d.get("all_pairs_mean"))
     if d.get("similarity") is not None:
         sim = d["similarity"]

@@ -12,8 +12,19 @@ class Vocabulary(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VOCABULARY_UNSPECIFIED: _ClassVar[Vocabulary]
     VOCABULARY_TESTBED: _ClassVar[Vocabulary]
+
+class HeadProfile(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HEAD_PROFILE_UNSPECIFIED: _ClassVar[HeadProfile]
+    HEAD_PROFILE_COMP: _ClassVar[HeadProfile]
+    HEAD_PROFILE_CAPACITY: _ClassVar[HeadProfile]
+    HEAD_PROFILE_RELATIVE_CAPACITY: _ClassVar[HeadProfile]
 VOCABULARY_UNSPECIFIED: Vocabulary
 VOCABULARY_TESTBED: Vocabulary
+HEAD_PROFILE_UNSPECIFIED: HeadProfile
+HEAD_PROFILE_COMP: HeadProfile
+HEAD_PROFILE_CAPACITY: HeadProfile
+HEAD_PROFILE_RELATIVE_CAPACITY: HeadProfile
 
 class AnalyzeDeltaRequest(_message.Message):
     __slots__ = ("base", "finetuned", "layers", "directions", "top", "k", "coherence", "vocabulary")
@@ -36,7 +47,7 @@ class AnalyzeDeltaRequest(_message.Message):
     def __init__(self, base: _Optional[str] = ..., finetuned: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., directions: _Optional[int] = ..., top: _Optional[int] = ..., k: _Optional[int] = ..., coherence: _Optional[float] = ..., vocabulary: _Optional[_Union[Vocabulary, str]] = ...) -> None: ...
 
 class MatchHeadsRequest(_message.Message):
-    __slots__ = ("model_a", "model_b", "layers_a", "layers_b", "k", "coherence", "vocabulary", "testbed_categories")
+    __slots__ = ("model_a", "model_b", "layers_a", "layers_b", "k", "coherence", "vocabulary", "testbed_categories", "profile")
     MODEL_A_FIELD_NUMBER: _ClassVar[int]
     MODEL_B_FIELD_NUMBER: _ClassVar[int]
     LAYERS_A_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +56,7 @@ class MatchHeadsRequest(_message.Message):
     COHERENCE_FIELD_NUMBER: _ClassVar[int]
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     TESTBED_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     model_a: str
     model_b: str
     layers_a: _containers.RepeatedScalarFieldContainer[int]
@@ -53,7 +65,8 @@ class MatchHeadsRequest(_message.Message):
     coherence: float
     vocabulary: Vocabulary
     testbed_categories: bool
-    def __init__(self, model_a: _Optional[str] = ..., model_b: _Optional[str] = ..., layers_a: _Optional[_Iterable[int]] = ..., layers_b: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., coherence: _Optional[float] = ..., vocabulary: _Optional[_Union[Vocabulary, str]] = ..., testbed_categories: _Optional[bool] = ...) -> None: ...
+    profile: HeadProfile
+    def __init__(self, model_a: _Optional[str] = ..., model_b: _Optional[str] = ..., layers_a: _Optional[_Iterable[int]] = ..., layers_b: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., coherence: _Optional[float] = ..., vocabulary: _Optional[_Union[Vocabulary, str]] = ..., testbed_categories: _Optional[bool] = ..., profile: _Optional[_Union[HeadProfile, str]] = ...) -> None: ...
 
 class DeltaDirection(_message.Message):
     __slots__ = ("index", "sigma", "positive", "negative")
@@ -288,7 +301,7 @@ class SimilarityMatrix(_message.Message):
     def __init__(self, heads_a: _Optional[_Iterable[_Union[HeadRef, _Mapping]]] = ..., heads_b: _Optional[_Iterable[_Union[HeadRef, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[SimilarityRow, _Mapping]]] = ...) -> None: ...
 
 class MatchReport(_message.Message):
-    __slots__ = ("a", "b", "vocabulary_size", "method", "k", "coherence", "mean_score", "null_mean_score", "null_std", "mutual", "matches", "specialised", "usage_null", "label_shuffle_null", "all_pairs_mean", "similarity", "agreement")
+    __slots__ = ("a", "b", "vocabulary_size", "method", "k", "coherence", "mean_score", "null_mean_score", "null_std", "mutual", "matches", "specialised", "usage_null", "label_shuffle_null", "all_pairs_mean", "similarity", "agreement", "profile", "category_null")
     A_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
     VOCABULARY_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +319,8 @@ class MatchReport(_message.Message):
     ALL_PAIRS_MEAN_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_NULL_FIELD_NUMBER: _ClassVar[int]
     a: MatchedModel
     b: MatchedModel
     vocabulary_size: int
@@ -323,4 +338,6 @@ class MatchReport(_message.Message):
     all_pairs_mean: float
     similarity: SimilarityMatrix
     agreement: MatchAgreement
-    def __init__(self, a: _Optional[_Union[MatchedModel, _Mapping]] = ..., b: _Optional[_Union[MatchedModel, _Mapping]] = ..., vocabulary_size: _Optional[int] = ..., method: _Optional[str] = ..., k: _Optional[int] = ..., coherence: _Optional[float] = ..., mean_score: _Optional[float] = ..., null_mean_score: _Optional[float] = ..., null_std: _Optional[float] = ..., mutual: _Optional[int] = ..., matches: _Optional[_Iterable[_Union[HeadMatch, _Mapping]]] = ..., specialised: _Optional[_Union[Specialisation, _Mapping]] = ..., usage_null: _Optional[_Union[NullDistribution, _Mapping]] = ..., label_shuffle_null: _Optional[_Union[NullDistribution, _Mapping]] = ..., all_pairs_mean: _Optional[float] = ..., similarity: _Optional[_Union[SimilarityMatrix, _Mapping]] = ..., agreement: _Optional[_Union[MatchAgreement, _Mapping]] = ...) -> None: ...
+    profile: str
+    category_null: NullDistribution
+    def __init__(self, a: _Optional[_Union[MatchedModel, _Mapping]] = ..., b: _Optional[_Union[MatchedModel, _Mapping]] = ..., vocabulary_size: _Optional[int] = ..., method: _Optional[str] = ..., k: _Optional[int] = ..., coherence: _Optional[float] = ..., mean_score: _Optional[float] = ..., null_mean_score: _Optional[float] = ..., null_std: _Optional[float] = ..., mutual: _Optional[int] = ..., matches: _Optional[_Iterable[_Union[HeadMatch, _Mapping]]] = ..., specialised: _Optional[_Union[Specialisation, _Mapping]] = ..., usage_null: _Optional[_Union[NullDistribution, _Mapping]] = ..., label_shuffle_null: _Optional[_Union[NullDistribution, _Mapping]] = ..., all_pairs_mean: _Optional[float] = ..., similarity: _Optional[_Union[SimilarityMatrix, _Mapping]] = ..., agreement: _Optional[_Union[MatchAgreement, _Mapping]] = ..., profile: _Optional[str] = ..., category_null: _Optional[_Union[NullDistribution, _Mapping]] = ...) -> None: ...

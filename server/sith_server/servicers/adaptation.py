@@ -25,6 +25,20 @@ def _common(request, payload: dict, deps: Deps) -> dict:
     return payload
 
 
+# HeadProfile enum -> the library's profile name (sith.adaptation.universality.PROFILES); unset = its default.
+PROFILE_NAMES = {pb.HEAD_PROFILE_COMP: "comp", pb.HEAD_PROFILE_CAPACITY: "capacity",
+                 pb.HEAD_PROFILE_RELATIVE_CAPACITY: "relative-capacity"}
+
+
+def _profile(request) -> str | None:
+    if request.profile == pb.HEAD_PROFILE_UNSPECIFIED:
+        return None
+    if request.profile not in PROFILE_NAMES:
+        raise InvalidInput("profile", f"unknown HeadProfile value {request.profile}; use one of "
+                           f"{[pb.HeadProfile.Name(v) for v in PROFILE_NAMES]}")
+    return PROFILE_NAMES[request.profile]
+
+
 class AdaptationServicer(pb_grpc.AdaptationServicer):
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
@@ -59,6 +73,9 @@ class AdaptationServicer(pb_grpc.AdaptationServicer):
                    "layers_b": validate.layers(b.loaded.info, request.layers_b, "layers_b")}
         if request.testbed_categories:
             payload["categories"] = "testbed"
+        profile = _profile(request)
+        if profile is not None:
+            payload["profile"] = profile
         payload = _common(request, payload, self.deps)
         return self._submit("universality", f"{a.loaded.name} <-> {b.loaded.name}",
                             f"{a.loaded.hash[:12]}:{b.loaded.hash[:12]}", payload)
