@@ -33,12 +33,12 @@ def stack(tmp_path_factory):
     return loaded, dictionary, decomposition, joint, vectors
 
 
-def _plan(stack, *operations, preserve_weight: float = 1.0):
+def _plan(stack, *operations, preserve_weight: float = 1.0, **extra):
     loaded, dictionary, decomposition, joint, vectors = stack
     spec = EditSpec(model="tiny", operations=list(operations)).validate()
     return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors,
                              operation_layers(loaded.info, spec), joint, dictionary, preserve_weight=preserve_weight,
-                             model=loaded.model)
+                             model=loaded.model, **extra)
 
 
 def _embed(model, x=None):
@@ -106,6 +106,61 @@ def test_preserving_pair_scales_u_exactly_and_spares_what_is_preserved():
     _, v = preserving_pair(u, keep, 1e6)
     t = torch.eye(16, dtype=torch.float64) - torch.outer(u, v)
     assert torch.allclose(t @ keep, keep, atol=1e-4)  # λ → ∞: preserved directions untouched
+
+
+def test_preserving_pair_other_concepts_term_spares_them_and_keeps_u_exact():
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(24, generator=g, dtype=torch.float64), dim=0)
+    keep = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    others = torch.nn.functional.normalize(torch.randn(24, 10, generator=g, dtype=torch.float64), dim=0)
+    eye = torch.eye(24, dtype=torch.float64)
+    moved = []
+    for lam_o in (0.0, 2.0, 8.0, 128.0):
+        u_, v = preserving_pair(u, keep, 2.0, others, lam_o)
+        t = eye - 0.8 * torch.outer(u_, v)  # α = 0.2
+        assert torch.allclose(t @ u, 0.2 * u, atol=1e-10)  # the edited direction: exactly α, whatever λ_o
+        moved.append(float(((t - eye) @ others).norm()))
+    assert all(a > b for a, b in zip(moved, moved[1:])), moved  # more weight, less change to the others
+    assert torch.allclose(preserving_pair(u, keep, 2.0, others, 0.0)[1], preserving_pair(u, keep, 2.0)[1])
+    # normalised by their number: listing every other concept twice means the same λ_o
+    assert torch.allclose(preserving_pair(u, keep, 2.0, others, 8.0)[1],
+                          preserving_pair(u, keep, 2.0, torch.cat([others, others], dim=1), 8.0)[1], atol=1e-12)
+
+
+def test_preserve_others_weight_spares_other_factors_and_keeps_alpha_exact(stack):
+    """With λ_o > 0 the edited heads change the other factors' directions less than with λ_o = 0,
+    while their write along the concept's direction is still multiplied by exactly the same α."""
+    loaded, dictionary, decomposition, joint, _ = stack
+    geometry = Geometry(joint, dictionary, decomposition)
+    op = Operation(["red"], "suppress", 0.2, operator="head_project", layers=[1, 2], select=top_n(4))
+    spec = EditSpec(model="tiny", operations=[op]).validate()
+    others = plan_module.other_concepts(spec, 0, dictionary, preserved_concepts(spec, 0, dictionary))
+    assert others and not {"red", "blue", "green", "yellow"} & set(others)  # no colour: red's own factor
+    g_red = geometry.residual_direction("red")
+    g_others = torch.stack([geometry.residual_direction(c) for c in others])  # [n, d]
+    blocks = loaded.model.visual.transformer.resblocks
+    changes, alphas = [], []
+    for lam_o in (0.0, 8.0):
+        plan = _plan(stack, op, preserve_weight=2.0, preserve_others_weight=lam_o)
+        edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+        alphas.append(sorted((a.layer, a.head, a.alpha) for a in plan.affected))
+        change = 0.0
+        for a in plan.affected:
+            before = dense_vo(blocks[a.layer], 4)[a.head].double()
+            after = dense_vo(edited.visual.transformer.resblocks[a.layer], 4)[a.head].double()
+            assert torch.allclose(after @ g_red, a.alpha * (before @ g_red), atol=1e-5)
+            change += float(((after - before) @ g_others.T).norm() ** 2)
+        changes.append(change)
+    assert alphas[0] == alphas[1]  # same writers, same closed-form α
+    assert changes[1] < 0.9 * changes[0], changes
+
+
+@pytest.mark.parametrize("field", ["preserve_weight", "preserve_others_weight"])
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), "much", None, True])
+def test_bad_preservation_weights_are_named(stack, field, value):
+    with pytest.raises(InvalidInput) as err:
+        _plan(stack, Operation(["red"]), **{field: value})
+    assert err.value.field == field and ">= 0" in err.value.reason
 
 
 def test_head_project_writes_back_exactly_and_scales_the_concept_direction(stack):

@@ -158,3 +158,24 @@ def test_an_external_judge_plugs_in(stack):
     strongest = sorted((i for i, k in enumerate(vectors.keys) if k[0] == 2), key=lambda i: -float(vectors.sigma[i]))[:2]
     assert {(a.layer, a.head, a.index) for a in plan.affected} == {vectors.keys[i] for i in strongest}
     assert plan.manifest()["judge"] == "sigma-judge" and plan.concept_alignment == []
+
+
+def test_other_concepts_are_everything_outside_the_edited_factor_and_its_relatives(stack):
+    from sith.edits.plan import NEIGHBOUR_MIN_COSINE, other_concepts, preserved_concepts
+
+    _, dictionary, _, _, _ = stack
+    spec = EditSpec(model="tiny", operations=[Operation(["red"]), Operation(["circle"], preserve=["boat"])]).validate()
+    centred = torch.nn.functional.normalize(dictionary.centred.double(), dim=1)
+    for i, (concept, factor) in enumerate((("red", {"red", "blue", "green", "yellow"}),
+                                           ("circle", {"circle", "square", "triangle", "star"}))):
+        preserved = preserved_concepts(spec, i, dictionary)
+        others = other_concepts(spec, i, dictionary, preserved)
+        assert others, concept
+        assert not set(others) & (factor | set(preserved) | {"red", "circle"})  # own factor, preserved, edited
+        own = centred[dictionary.index(concept)]
+        for c in others:
+            assert float(centred[dictionary.index(c)] @ own) < NEIGHBOUR_MIN_COSINE  # nothing related to it
+        left_out = [c for c in dictionary.concepts if c not in others]
+        for c in left_out:  # and everything else is in
+            assert (c in factor or c in preserved or c in ("red", "circle")
+                    or float(centred[dictionary.index(c)] @ own) >= NEIGHBOUR_MIN_COSINE), (concept, c)

@@ -12,7 +12,9 @@ through the manifest the same way. docs/edits.md says when to use which.
   T multiplies exactly that component by α and leaves the rest of every singular vector intact.
   v = M⁻¹ĝ / (ĝᵀM⁻¹ĝ) with M = I + λ G Gᵀ (G = the preserved concepts' pulled-back directions) is
   the UCE-style minimum-change solution of "T ĝ = α ĝ while T g_p ≈ g_p": λ = 0 is the orthogonal
-  projection, λ → ∞ an oblique one that leaves the preserved directions exactly alone.
+  projection, λ → ∞ an oblique one that leaves the preserved directions exactly alone. An optional
+  second, weaker term (λ_o / n_o) O Oᵀ protects every *other* concept (plan.other_concepts); off by
+  default (docs/edits.md, "Frontier": it did not win on validation).
 * ``head_mlp_project`` (beyond the paper; the default): the same map T on every chosen head AND on
   the output weights of every chosen block's MLP (W_mlp ← W_mlp T, row form; ``c_proj``/``fc2``
   through the tower adapter, bias untouched). The attention heads carry only part of a concept:
@@ -109,6 +111,7 @@ class Geometry:
         self.dictionary = dictionary
         self.decomposition = decomposition  # every layer: presence sums over the whole tower
         self.mlp = {layer: w.detach().double().cpu() for layer, w in (mlp or {}).items()}
+        self.model_known = mlp is not None  # {} = a model whose blocks expose no MLP output; None = no model
         self.prior = None if prior is None else prior.detach().double().cpu()
 
     def joint_direction(self, concept: str) -> Tensor:
@@ -205,16 +208,27 @@ def tower_writers(model) -> tuple[dict[int, Tensor], Tensor | None]:
     return mlps, None if start is None else start.detach().double().cpu()
 
 
-def preserving_pair(u: Tensor, keep: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
-    """(u, v) with vᵀu = 1 and v = M⁻¹u / uᵀM⁻¹u, M = I + λ K Kᵀ (K = [n, k] preserved directions).
+def preserving_pair(u: Tensor, keep: Tensor | None, lam: float, others: Tensor | None = None,
+                    lam_others: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(u, v) with vᵀu = 1 and v = M⁻¹u / uᵀM⁻¹u, M = I + λ K Kᵀ + (λ_o / n_o) O Oᵀ.
 
-    Minimises ‖T − I‖_F subject to T u = α u with the preservation penalty λ Σ‖T k − k‖²
-    (closed form, UCE-style); λ = 0 gives v = u (orthogonal projection)."""
+    K = [n, k] the preserved directions (each weighted λ), O = [n, n_o] the *other* concepts'
+    directions, a second, weaker term weighted as their second-moment matrix O Oᵀ / n_o, so that
+    λ_o means the same for any vocabulary size. Minimises ‖T − I‖_F subject to T u = α u with the
+    preservation penalty λ Σ‖T k − k‖² + (λ_o / n_o) Σ‖T o − o‖² (closed form, UCE-style);
+    λ = λ_o = 0 gives v = u (orthogonal projection). Whatever M is, T u = α u exactly."""
     u = u.double()
-    if keep is None or keep.numel() == 0 or lam <= 0:
+    m = None
+    if keep is not None and keep.numel() and lam > 0:
+        k = keep.double()
+        m = lam * k @ k.T
+    if others is not None and others.numel() and lam_others > 0:
+        o = others.double()
+        extra = (lam_others / o.shape[1]) * o @ o.T
+        m = extra if m is None else m + extra
+    if m is None:
         return u, u / float(u @ u)
-    k = keep.double()
-    m = torch.eye(u.numel(), dtype=torch.float64) + lam * k @ k.T
+    m = m + torch.eye(u.numel(), dtype=torch.float64)
     w = torch.linalg.solve(m, u)
     return u, w / float(u @ w)
 

@@ -36,6 +36,13 @@ SYNONYM_COSINE = 0.85
 # validation seeds with the default target and prior weight (docs/edits.md, "Frontier": λ = 2 beat
 # 1 and 0.5 on the validation rule, mean and worst case over both testbed models and four tasks).
 DEFAULT_PRESERVE_WEIGHT = 2.0
+# λ_o: the second, weaker preservation term of the same operators for every *other* dictionary
+# concept (``other_concepts``), weighted by their second-moment matrix (operators.preserving_pair),
+# so it means the same for any vocabulary size. Beyond the paper (UCE-style). Off by default: on
+# validation seeds no λ_o > 0 beat 0 (it moves the damage from the other factors into the edited
+# factor's other values and costs the water/land debias its gain; docs/edits.md, "Frontier",
+# experiments/preserve_others_sweep.py).
+DEFAULT_PRESERVE_OTHERS_WEIGHT = 0.0
 # A preserved concept whose predicted presence moves by more than this is reported in the warnings.
 PRESERVE_WARNING = 0.10
 # Prior correction of a suppress target (docs/edits.md, "Predicted presence"): the planner aims at
@@ -270,6 +277,43 @@ def preserved_concepts(spec: EditSpec, i: int, dictionary) -> list[str]:
     return [c for c in dict.fromkeys(out) if c not in edited]
 
 
+def other_concepts(spec: EditSpec, i: int, dictionary, preserved: Sequence[str]) -> list[str]:
+    """The concepts the second, weaker preservation term protects (``preserve_others_weight``):
+    every dictionary concept that is not edited by the spec, not already preserved, not a value of
+    an edited concept's own factor (a world factor of ``testbed_categories``; shape and its
+    round/angular group count as one factor), and not related to an edited concept (centred
+    cosine >= NEIGHBOUR_MIN_COSINE, which also drops near-synonyms such as a plural)."""
+    from sith.testbed.vocabulary import testbed_categories
+
+    op = spec.operations[i]
+    edited = {c for o in spec.operations for c in o.concepts}
+    skip = set(edited) | set(preserved)
+    categories = testbed_categories()
+    for concept in op.concepts:
+        for factor, words in categories.items():
+            if concept in words:
+                tied = {"shape", "group"} if factor in ("shape", "group") else {factor}
+                for f in tied:
+                    skip.update(categories[f])
+    centred = dictionary.centred.double()
+    centred = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    own = centred[[dictionary.index(c) for c in op.concepts]]
+    related = (centred @ own.T).max(dim=1).values
+    return [c for j, c in enumerate(dictionary.concepts)
+            if c not in skip and float(related[j]) < NEIGHBOUR_MIN_COSINE]
+
+
+def _weight(field: str, value) -> float:
+    """A preservation weight: a finite number >= 0, else InvalidInput naming the field."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(field, f"must be a number >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not (out >= 0.0) or out == float("inf"):
+        raise InvalidInput(field, f"must be a finite number >= 0, got {value!r}")
+    return out
+
+
 def _meets(action: str, presence: float, target: float) -> bool:
     return presence <= target + 1e-9 if action in ("suppress", "flip") else presence >= target - 1e-9
 
@@ -278,10 +322,12 @@ class _Planner:
     """Turns each operation into α entries and write maps on one shared Multipliers."""
 
     def __init__(self, spec: EditSpec, decomposition, vectors: VectorSet | None, layers_per_op, joint, dictionary,
-                 judge: Judge, geometry: Geometry, preserve_weight: float) -> None:
+                 judge: Judge, geometry: Geometry, preserve_weight: float,
+                 preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT) -> None:
         self.spec, self.decomposition, self.vectors = spec, decomposition, vectors
         self.layers_per_op, self.joint, self.dictionary, self.judge = layers_per_op, joint, dictionary, judge
         self.geometry, self.preserve_weight = geometry, preserve_weight
+        self.preserve_others_weight = preserve_others_weight
         self.values = {layer: torch.ones_like(svd.S, dtype=torch.float32).cpu() for layer, svd in decomposition.items()}
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.maps: list[WriteMap] = []
@@ -374,10 +420,18 @@ class _Planner:
         else:
             self._output_projection(i, op, preserve)
 
-    def _pair(self, u: Tensor, keep: list[Tensor]) -> int:
+    def _pair(self, u: Tensor, keep: list[Tensor], others: list[Tensor] | None = None) -> int:
         stacked = torch.stack(keep, dim=1) if keep else None
-        self.pairs.append(preserving_pair(u, stacked, self.preserve_weight))
+        rest = torch.stack(others, dim=1) if others else None
+        self.pairs.append(preserving_pair(u, stacked, self.preserve_weight, rest, self.preserve_others_weight))
         return len(self.pairs) - 1
+
+    def _other_directions(self, i: int, preserve: list[str], joint_space: bool) -> list[Tensor]:
+        """The other concepts' directions (``other_concepts``); none when λ_o = 0."""
+        if self.preserve_others_weight <= 0:
+            return []
+        direction = self.geometry.joint_direction if joint_space else self.geometry.residual_direction
+        return [direction(c) for c in other_concepts(self.spec, i, self.dictionary, preserve)]
 
     def _keep_directions(self, op: Operation, concept: str, preserve: list[str], joint_space: bool) -> list[Tensor]:
         """Preserved concepts' directions, plus the operation's other concepts (so that one concept's
@@ -387,13 +441,21 @@ class _Planner:
 
     def _head_project(self, i: int, op: Operation, preserve: list[str]) -> None:
         with_mlps = op.operator == "head_mlp_project"
-        if with_mlps and not self.geometry.mlp:
+        if with_mlps and not self.geometry.mlp and not self.geometry.model_known:
             raise InvalidInput(f"operations[{i}].operator", "head_mlp_project needs the blocks' MLP outputs, and "
-                               "this plan has none (a tower without MLPs, or no model given); use head_project")
+                               "this plan was given no model; use head_project")
+        if with_mlps and not self.geometry.mlp:
+            # The default operator must work on every tower: where no block exposes an MLP output the
+            # adapter can fold, the edit falls back to the heads, and says so.
+            self.warnings.append(f"[no-mlp] operations[{i}]: no block of this tower exposes MLP output weights "
+                                 "the adapter can fold, so head_mlp_project edits the attention heads only, "
+                                 "as head_project does")
+            with_mlps = False
         candidates = self._heads(i, mlps=with_mlps)
+        others = self._other_directions(i, preserve, joint_space=False)
         for concept in op.concepts:
             u = self.geometry.residual_direction(concept)
-            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=False))
+            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=False), others)
             share = self.geometry.head_share(u)
             ranked = sorted(candidates, key=lambda lh: (-share[lh], lh))
             ranked = [lh for lh in ranked if share[lh] > 0]
@@ -501,7 +563,8 @@ class _Planner:
         alpha = float(op.target) if op.target is not None else self._strength(op)
         for concept in op.concepts:
             u = self.geometry.joint_direction(concept)
-            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=True))
+            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=True),
+                              self._other_directions(i, preserve, joint_space=True))
             self.maps.append(WriteMap("output", -1, -1, pair, alpha))
             self.affected[("o", len(self.maps))] = AffectedVector(-1, -1, -1, 1.0, alpha, 1.0, i, [(concept, 1.0)],
                                                                   "output_projection")
@@ -581,19 +644,24 @@ def _in_range(action: str, alpha: float) -> bool:
 def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decomposition: dict[int, LayerSVD],
                       vectors: VectorSet | None, layers_per_op: list[list[int]], joint, dictionary,
                       judge: Judge | None = None, *, tower: dict[int, LayerSVD] | None = None,
-                      preserve_weight: float = DEFAULT_PRESERVE_WEIGHT, model=None) -> EditPlan:
+                      preserve_weight: float = DEFAULT_PRESERVE_WEIGHT,
+                      preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT, model=None) -> EditPlan:
     """Plan every operation, resolve conflicts, build the edit and the preview.
 
     ``tower`` is the decomposition of every layer (predicted presence sums over the whole tower);
     it defaults to ``decomposition``. ``model`` (the CLIP or LoadedModel) adds the MLP writers and
     the prior (operators.tower_writers) to the geometry; without it only heads are known and
-    head_mlp_project is refused."""
+    head_mlp_project is refused. ``preserve_weight`` (λ) weighs the preserved concepts,
+    ``preserve_others_weight`` (λ_o) every other concept (``other_concepts``) in the projections'
+    closed form (operators.preserving_pair); both must be finite and >= 0."""
     spec.validate()
+    preserve_weight = _weight("preserve_weight", preserve_weight)
+    preserve_others_weight = _weight("preserve_others_weight", preserve_others_weight)
     judge = judge or DictionaryJudge(dictionary)
     mlp, prior = tower_writers(model) if model is not None else (None, None)
     geometry = Geometry(joint, dictionary, tower or decomposition, mlp, prior)
     planner = _Planner(spec, decomposition, vectors, layers_per_op, joint, dictionary, judge, geometry,
-                       preserve_weight)
+                       preserve_weight, preserve_others_weight)
     preserved: list[list[str]] = []
     for i, op in enumerate(spec.operations):
         if isinstance(judge, DictionaryJudge) or op.operator != "sith_scale":
@@ -676,7 +744,8 @@ def _alignment(spec, decomposition, multipliers, heads: list[HeadChange], joint,
 
 def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: str = "comp",
               k: int = EXPLANATION_K, coherence: float | None = None,
-              preserve_weight: float = DEFAULT_PRESERVE_WEIGHT) -> EditPlan:
+              preserve_weight: float = DEFAULT_PRESERVE_WEIGHT,
+              preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT) -> EditPlan:
     """Plan ``spec`` on the analyzer's model: decomposition, COMP codes (for sith_scale),
     selection, preview.
 
@@ -685,6 +754,8 @@ def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: s
     presence (a few small per-head SVDs); COMP codes only for the layers of sith_scale operations.
     """
     spec.validate()
+    _weight("preserve_weight", preserve_weight)
+    _weight("preserve_others_weight", preserve_others_weight)
     loaded = analyzer.loaded
     layers_per_op = operation_layers(loaded.info, spec)
     layers = sorted({layer for layers in layers_per_op for layer in layers})
@@ -701,4 +772,5 @@ def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: s
         vectors = vector_set(sub, targets, codes, analyzer.dictionary)
     return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors, layers_per_op,
                              analyzer.joint, analyzer.dictionary, judge, tower=tower,
-                             preserve_weight=preserve_weight, model=loaded.model)
+                             preserve_weight=preserve_weight, preserve_others_weight=preserve_others_weight,
+                             model=loaded.model)
