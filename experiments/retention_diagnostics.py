@@ -1,0 +1,131 @@
+"""Why the default removal misses "every other factor ≥ 97 %" (issue 11): three diagnostics on the
+frontier's VALIDATION split only (the test seeds are never generated here).
+
+1. **Concentration.** The default spreads one α over every writer (heads and MLPs of every layer).
+   The planner's other mode, a fixed α with writers added greedily by their share of the concept's
+   write capacity until the predicted presence reaches the target, puts the same removal on fewer
+   writers. Measured for α ∈ {0, 0.3, 0.5}.
+2. **A sensitivity floor.** The default command on words that name no world factor ("something",
+   "picture", "wall", "photo"): what an edit of that size costs the factors when it removes nothing
+   they use.
+3. **Where the loss lands.** For the default removal of each concept: the other factors'
+   accuracy on the concept's own images and on the rest, with the images lost and gained.
+
+    nice .venv/bin/python experiments/retention_diagnostics.py --model sith/testbed/checkpoints/testbed-main
+
+Writes experiments/retention_diagnostics.json (merged per model) and prints what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
+from preserve_others_sweep import ValidationSplits  # noqa: E402
+from tasks import FACTORS  # noqa: E402
+
+from sith.edits.apply import apply_multipliers  # noqa: E402
+from sith.edits.plan import plan_edit  # noqa: E402
+from sith.edits.spec import EditSpec  # noqa: E402
+from sith.engine.analysis import Analyzer  # noqa: E402
+from sith.engine.dictionary import build_dictionary  # noqa: E402
+from sith.engine.models import load_model  # noqa: E402
+from sith.testbed.vocabulary import testbed_vocabulary  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+NON_FACTOR_WORDS = ("something", "picture", "wall", "photo")
+GREEDY_ALPHAS = (0.0, 0.3, 0.5)
+
+
+def _edited(loaded, analyzer, concepts: list[str], **op) -> tuple[torch.nn.Module, int]:
+    spec = EditSpec.from_dict({"model": loaded.name,
+                               "operations": [{"concepts": concepts, "action": "suppress", "target": 0.2, **op}]})
+    plan = plan_edit(analyzer, spec)
+    return apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval(), len(plan.affected)
+
+
+def run(folder: str, n_val: int, n_spu: int) -> dict:
+    started = time.time()
+    torch.manual_seed(0)
+    loaded = load_model(config=folder)
+    analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
+    splits = ValidationSplits(loaded, n_val, n_spu)
+    base_model = loaded.model.eval()
+    bases = {name: splits.measure(base_model, "val", task) for name, task in TASKS.items()}
+    out: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": [n_val, n_spu],
+                 "base_factors": bases["red"]["factors"], "concentration": [], "floor": [], "where": []}
+
+    for alpha in (None, *GREEDY_ALPHAS):  # None = the default: every writer, α solved
+        row: dict = {"strength": alpha, "tasks": {}}
+        for name, task in TASKS.items():
+            extra = {} if alpha is None else {"strength": alpha}
+            model, writers = _edited(loaded, analyzer, list(task["concepts"]), **extra)
+            s = summarise(splits.measure(model, "val", task), bases[name], task)
+            feasible, key = choice_key(s, task)
+            row["tasks"][name] = {**s, "writers": writers, "feasible": feasible, "key": key}
+            print(f"[{time.time() - started:.0f}s] {loaded.name} concentration α={alpha} {name}: writers {writers} "
+                  f"key=({feasible}, {key:.3f}) {s}", flush=True)
+        out["concentration"].append(row)
+
+    task = TASKS["red"]  # any remove task: only the factor accuracies are read
+    base = bases["red"]["factors"]
+    for word in NON_FACTOR_WORDS:
+        model, writers = _edited(loaded, analyzer, [word])
+        factors = splits.measure(model, "val", task)["factors"]
+        kept = {f: factors[f] / base[f] for f in FACTOR_NAMES if base[f] > 0}
+        out["floor"].append({"word": word, "writers": writers, "kept": kept})
+        print(f"[{time.time() - started:.0f}s] {loaded.name} floor {word}: "
+              f"{ {f: round(v, 3) for f, v in kept.items()} }", flush=True)
+
+    natural = splits.sets["val"][0]
+    before = splits.embed(base_model, "val", 0)
+    for name, task in TASKS.items():
+        if task["kind"] != "remove":
+            continue
+        concept, own = task["concepts"][0], task["factor"]
+        model, _ = _edited(loaded, analyzer, [concept])
+        after = splits.embed(model, "val", 0)
+        is_concept = natural.labels[own] == FACTORS[own].index(concept)
+        for factor in FACTOR_NAMES:
+            if factor == own:
+                continue
+            truth = natural.labels[factor]
+            ok_before = splits.zs.predict(before, factor) == truth
+            ok_after = splits.zs.predict(after, factor) == truth
+            for images, mask in (("concept", is_concept & (truth >= 0)), ("rest", ~is_concept & (truth >= 0))):
+                entry = {"task": name, "factor": factor, "images": images, "n": int(mask.sum()),
+                         "base": float(ok_before[mask].float().mean()), "edited": float(ok_after[mask].float().mean()),
+                         "lost": int((ok_before & ~ok_after & mask).sum()), "gained": int((~ok_before & ok_after & mask).sum())}
+                out["where"].append(entry)
+        print(f"[{time.time() - started:.0f}s] {loaded.name} where: {name} done", flush=True)
+    out["seconds"] = round(time.time() - started)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[])
+    parser.add_argument("--n-val", type=int, default=400)
+    parser.add_argument("--n-val-spurious", type=int, default=200)
+    parser.add_argument("--out", default=str(HERE / "retention_diagnostics.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    path = Path(args.out)
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    for folder in args.model or ["sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small"]:
+        result = run(folder, args.n_val, args.n_val_spurious)
+        stored[result["model"]] = result
+        path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
