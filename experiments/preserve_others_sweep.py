@@ -53,6 +53,15 @@ class ValidationSplits(Splits):
         self.sets = {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val"))}
 
 
+def validation_setup(folder: str, n_val: int, n_spu: int) -> tuple:
+    """(loaded model, its Analyzer over the testbed vocabulary, its validation splits), seeded like
+    the frontier: what every validation-only script here starts from."""
+    torch.manual_seed(0)
+    loaded = load_model(config=folder)
+    analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
+    return loaded, analyzer, ValidationSplits(loaded, n_val, n_spu)
+
+
 def with_layers(spec: EditSpec, layers: list[int] | None) -> EditSpec:
     if layers is None:
         return spec
@@ -88,10 +97,7 @@ RULES = {"library": LIBRARY_RULE, "world": world_rule, "no_group": no_group_rule
 def run(folder: str, grid: list[float], last: list[int | None], tasks: list[str], n_val: int, n_spu: int,
         lams: list[float], rules: list[str], targets: list[float | None] = (None,)) -> dict:
     started = time.time()
-    torch.manual_seed(0)
-    loaded = load_model(config=folder)
-    analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
-    splits = ValidationSplits(loaded, n_val, n_spu)
+    loaded, analyzer, splits = validation_setup(folder, n_val, n_spu)
     base_model = loaded.model.eval()
     n_layers = loaded.info.layers
     out: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": [n_val, n_spu], "grid": grid, "lambdas": lams,

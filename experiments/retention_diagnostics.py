@@ -29,16 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import ValidationSplits  # noqa: E402
+from preserve_others_sweep import validation_setup  # noqa: E402
 from tasks import FACTORS  # noqa: E402
 
 from sith.edits.apply import apply_multipliers  # noqa: E402
 from sith.edits.plan import plan_edit  # noqa: E402
 from sith.edits.spec import EditSpec  # noqa: E402
-from sith.engine.analysis import Analyzer  # noqa: E402
-from sith.engine.dictionary import build_dictionary  # noqa: E402
-from sith.engine.models import load_model  # noqa: E402
-from sith.testbed.vocabulary import testbed_vocabulary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NON_FACTOR_WORDS = ("something", "picture", "wall", "photo")
@@ -54,10 +50,7 @@ def _edited(loaded, analyzer, concepts: list[str], **op) -> tuple[torch.nn.Modul
 
 def run(folder: str, n_val: int, n_spu: int) -> dict:
     started = time.time()
-    torch.manual_seed(0)
-    loaded = load_model(config=folder)
-    analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
-    splits = ValidationSplits(loaded, n_val, n_spu)
+    loaded, analyzer, splits = validation_setup(folder, n_val, n_spu)
     base_model = loaded.model.eval()
     bases = {name: splits.measure(base_model, "val", task) for name, task in TASKS.items()}
     out: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": [n_val, n_spu],
