@@ -91,3 +91,12 @@ def test_default_edit_on_a_tower_without_foldable_mlps_edits_the_heads_and_says_
     shown = _ok(["edit", "show", str(tmp_path / "edited.safetensors")])
     changed = next(line for line in shown.splitlines() if line.strip().startswith("changed:"))
     assert "head(s)" in changed and "MLP" not in changed, shown
+
+
+def test_a_tokenizer_that_overflows_the_text_tower_is_a_clear_error(vocabulary, tmp_path):
+    """The tiny configs' text towers have 1,000 token rows, open_clip's BPE gives ids up to 49,407:
+    a clear 'model' error naming both sizes, not an IndexError traceback from the embedding."""
+    model = str(export_model(towers.build("openclip-ls"), tmp_path / "m", {}, model_cfg=towers.OPEN_CLIP["openclip-ls"]))
+    result = CliRunner().invoke(main, ["explain", "--model", model, "--dictionary", vocabulary])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    assert "token embedding has only 1000 rows" in result.output and "model" in result.output, result.output
