@@ -178,3 +178,51 @@ def test_label_warmup_then_contrastive_stages_save_only_the_clip_weights(tmp_pat
     assert not torch.equal(final["token_embedding.weight"], initial["token_embedding.weight"])
     loaded = load_model(config=tmp_path / "staged")
     assert loaded.info.layers == 2
+
+
+TINY_HF_CFG = {"embed_dim": 16, "hf": {
+    "model_type": "clip", "projection_dim": 16,
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "image_size": 64, "patch_size": 16, "hidden_act": "gelu"},
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "vocab_size": 49408, "max_position_embeddings": 32, "hidden_act": "gelu", "eos_token_id": 2}}}
+
+
+def test_transformers_clip_starts_at_open_clip_init():
+    """tower_init "open_clip" on a transformers CLIP vision tower: open_clip's ViT start (docs/towers.md)."""
+    from sith.testbed.train import build_model, init_tower
+
+    torch.manual_seed(0)
+    model = build_model(TINY_HF_CFG)
+    init_tower(model, "open_clip")
+    emb = model.visual.embeddings
+    assert emb.position_embedding.weight.std().item() == pytest.approx(32 ** -0.5, rel=0.2)
+    bound = math.sqrt(6 / (32 + 3 * 32))
+    for layer in model.visual.encoder.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            assert proj.weight.abs().max() <= bound and torch.count_nonzero(proj.bias) == 0
+        assert torch.count_nonzero(layer.self_attn.out_proj.bias) == 0
+
+
+@pytest.mark.slow
+def test_short_run_of_a_transformers_clip_saves_a_transformers_folder(tmp_path):
+    """A preset whose model_cfg holds a transformers config trains through HFModel and is written in
+    transformers' own format: from_pretrained and sith's loader both read it."""
+    import transformers
+
+    from sith.engine.towers.hf import HFModel
+
+    stages = [TrainConfig(seed=6, steps=4, batch_size=8, lr=2e-3, warmup_steps=1, threads=1, log_every=1,
+                          distribution="natural", label_loss={"shape": 1.0}, tower_init="open_clip",
+                          contrastive_weight=0.0),
+              TrainConfig(seed=7, steps=4, batch_size=8, lr=2e-3, warmup_steps=1, threads=1, log_every=1,
+                          distribution="natural", label_loss={"shape": 1.0})]
+    summary = train(Preset("tiny-hf", TINY_HF_CFG, stages[0], stages=stages), out_dir=tmp_path, device="cpu",
+                    log=lambda _: None)
+    assert math.isfinite(summary["final_loss"]) and summary["samples_seen"] == 64
+    assert {"config.json", "model.safetensors", "train.json"} <= {p.name for p in tmp_path.iterdir()}
+    stock = transformers.CLIPModel.from_pretrained(str(tmp_path))
+    loaded = load_model(str(tmp_path))
+    assert isinstance(loaded.model, HFModel) and loaded.info.layers == 2 and loaded.info.heads == 2
+    for name, value in stock.state_dict().items():
+        assert torch.equal(loaded.model.hf.state_dict()[name], value), name

@@ -32,8 +32,14 @@ def preprocess_cfg(image_size: int) -> dict[str, Any]:
 
 
 def save_checkpoint(model: open_clip.model.CLIP, model_cfg: dict[str, Any], folder: Path) -> torch.dtype:
-    """Write the folder; fp32 when the weights fit in MAX_BYTES, else fp16. Returns the dtype used."""
+    """Write the folder; fp32 when the weights fit in MAX_BYTES, else fp16. Returns the dtype used.
+
+    A transformers model (``model_cfg["hf"]``) is written in transformers' own format instead
+    (config.json + model.safetensors: ``from_pretrained`` and every sith command load it)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if "hf" in model_cfg:
+        model.sith_export(folder, {})
+        return torch.float32
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     n_bytes = sum(v.numel() * 4 for v in state.values())
     dtype = torch.float32 if n_bytes <= MAX_BYTES else torch.float16

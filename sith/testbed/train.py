@@ -59,7 +59,7 @@ class TrainConfig:
     label_loss: dict[str, float] = field(default_factory=dict)  # factor -> weight of its auxiliary label loss
     single_large: float = 0.0  # share of training scenes forced to one large object (see Distribution)
     position_init: str = ""  # "sincos2d": start a timm tower's learnt pos_embed at 2-D sin-cos (first stage only)
-    tower_init: str = ""  # "open_clip": start a timm ViT tower at open_clip's ViT init (first stage only)
+    tower_init: str = ""  # "open_clip": start a timm ViT / transformers CLIP tower at open_clip's ViT init (first stage only)
 
 
 @dataclass
@@ -98,8 +98,14 @@ def load_preset(name: str) -> Preset:
 
 
 def build_model(model_cfg: dict[str, Any]) -> open_clip.model.CLIP:
-    """CLIP, or CustomTextCLIP for a timm/custom tower (``custom_text``, e.g. testbed-siglip, testbed-timm)."""
+    """CLIP, or CustomTextCLIP for a timm/custom tower (``custom_text``, e.g. testbed-siglip, testbed-timm),
+    or a transformers CLIPModel behind open_clip's calls (``hf``: a transformers config dict)."""
     import sith.engine.towers  # noqa: F401  (registers the testbed's timm towers)
+
+    if "hf" in model_cfg:
+        from sith.engine.towers.hf import build_hf
+
+        return build_hf(model_cfg["hf"], "preset.model_cfg.hf").train()
 
     cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
     return (open_clip.model.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.model.CLIP)(**cfg)
@@ -147,7 +153,7 @@ TOWER_INITS = ("", "open_clip")
 
 
 def init_tower(model: torch.nn.Module, how: str) -> None:
-    """Re-initialise a timm ViT tower (``how`` in TOWER_INITS; "" keeps timm's init).
+    """Re-initialise a timm ViT or transformers CLIP tower (``how`` in TOWER_INITS; "" keeps its own init).
 
     "open_clip" gives it the start open_clip's own ViT has: position embedding and class token
     N(0, 1/width), fused qkv Xavier-uniform, the other block Linears PyTorch's default, qkv and
@@ -160,9 +166,12 @@ def init_tower(model: torch.nn.Module, how: str) -> None:
         raise InvalidInput("train.tower_init", f"unknown {how!r}", suggestions=list(TOWER_INITS[1:]))
     if not how:
         return
+    if hasattr(model, "sith_export"):  # a transformers CLIP (sith.engine.towers.hf.HFModel)
+        _open_clip_init_hf(model.visual)
+        return
     trunk = getattr(getattr(model, "visual", None), "trunk", None)
     if getattr(trunk, "pos_embed", None) is None or not hasattr(trunk, "blocks"):
-        raise InvalidInput("train.tower_init", "only a timm ViT vision tower can be re-initialised")
+        raise InvalidInput("train.tower_init", "only a timm ViT or transformers CLIP vision tower can be re-initialised")
     scale = trunk.pos_embed.shape[-1] ** -0.5
     with torch.no_grad():
         trunk.pos_embed.normal_(0, scale)
@@ -179,7 +188,33 @@ def init_tower(model: torch.nn.Module, how: str) -> None:
             torch.nn.init.zeros_(module.bias)
 
 
+def _open_clip_init_hf(vision: torch.nn.Module) -> None:
+    """open_clip's ViT start for a transformers CLIP vision tower (see ``init_tower``): class and
+    position embeddings N(0, 1/width); q, k, v each drawn like their rows of open_clip's fused
+    Xavier-uniform in_proj (bound √(6 / (d + 3d))), their biases and out_proj's zero; the other
+    Linears and the patch convolution at PyTorch's default."""
+    embeddings = vision.embeddings
+    width = embeddings.class_embedding.shape[-1]
+    bound = math.sqrt(6.0 / (width + 3 * width))
+    with torch.no_grad():
+        embeddings.class_embedding.normal_(0, width ** -0.5)
+        embeddings.position_embedding.weight.normal_(0, width ** -0.5)
+        embeddings.patch_embedding.reset_parameters()
+        for name, module in vision.encoder.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if name.endswith(("q_proj", "k_proj", "v_proj")):
+                module.weight.uniform_(-bound, bound)
+            else:
+                module.reset_parameters()
+            if module.bias is not None and name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+                module.bias.zero_()
+
+
 def build_tokenizer(model_cfg: dict[str, Any]) -> open_clip.SimpleTokenizer:
+    """open_clip's BPE at the text tower's context (a transformers CLIP text tower has the same vocabulary)."""
+    if "hf" in model_cfg:
+        return open_clip.SimpleTokenizer(context_length=model_cfg["hf"]["text_config"]["max_position_embeddings"])
     return open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
 
 

@@ -63,6 +63,11 @@ class HFModel(nn.Module):
     def model_type(self) -> str:
         return self.hf.config.model_type
 
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """The contrastive temperature (log), where open_clip's CLIP keeps it (the testbed trainer)."""
+        return self.hf.logit_scale
+
     @staticmethod
     def _features(out) -> Tensor:
         if isinstance(out, Tensor):
