@@ -452,3 +452,41 @@ def test_capacity_is_per_head_and_relative_capacity_follows_the_tower(tmp_path):
         assert torch.allclose(pa[untouched], pb[untouched], atol=1e-6) is same
         changed = pa.shape[0] - len(untouched)
         assert changed == 1 and not torch.allclose(pa, pb, atol=1e-4)
+
+
+def test_ground_truth_similarity_scores_matched_factor_mixes_against_random_pairings():
+    """Matched heads with the same relative η² mix score cosine 1 and beat every re-pairing; the
+    relative profile divides each factor by its model mean, so a factor every head carries (raw
+    background η²) does not make unrelated heads look alike."""
+    from sith.adaptation.universality import ground_truth_similarity
+
+    rng = np.random.default_rng(0)
+    eta_a = torch.tensor(rng.random((12, 7)) ** 3) + torch.tensor([0.0, 0.0, 5.0, 0, 0, 0, 0])  # background everywhere
+    order = rng.permutation(12)
+    eta_b = eta_a[order] * 2.0  # B's head order[j] is A's head j (a uniform scale changes no relative profile)
+    pairs = [(int(order[j]), j) for j in range(12)]
+    result = ground_truth_similarity(pairs, eta_a, eta_b, permutations=200)
+    assert result["observed"] == pytest.approx(1.0) and result["chance_mean"] < 0.95
+    assert result["p_value"] == pytest.approx(1 / 201) and result["pairs"] == 12
+    shuffled = ground_truth_similarity([(i, j) for i, j in zip(range(12), rng.permutation(12))], eta_a, eta_b,
+                                       permutations=200)
+    assert shuffled["p_value"] > 0.05
+    assert ground_truth_similarity([], eta_a, eta_b)["pairs"] == 0
+
+
+def test_untrained_control_of_a_transformers_clip():
+    """The control re-initialises a transformers CLIP vision tower and its visual projection as
+    open_clip builds a ViT (it raised an AttributeError before); the text tower is kept."""
+    from test_engine_towers import build
+
+    from sith.engine.models import LoadedModel, vision_hash, vision_info
+
+    model = build("hf-clip")
+    loaded = LoadedModel(model=model, tokenizer=None, name="hf", hash=vision_hash(model), info=vision_info(model),
+                         preprocess=None)
+    control = untrained_vision_control(loaded, seed=0)
+    assert control.hash != loaded.hash and control.hash == untrained_vision_control(loaded, seed=0).hash
+    before, after = model.hf.state_dict(), control.model.hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text_"))
+    for key in ("vision_model.embeddings.class_embedding", "visual_projection.weight"):
+        assert not torch.equal(before[key], after[key])

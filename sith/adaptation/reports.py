@@ -19,8 +19,10 @@ from sith.adaptation.universality import (
     PROFILES,
     GroundTruth,
     align_ground_truth,
+    aligned_eta2,
     category_shares,
     dominant_category,
+    ground_truth_similarity,
     head_profiles,
     label_agreement,
     match_profiles,
@@ -166,6 +168,8 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
             agreement[key] = label_agreement(pairs, la, lb, seed=seed)
             result.setdefault("ground_truth", {})[key] = {
                 "a": {c: la.count(c) for c in sorted(set(la))}, "b": {c: lb.count(c) for c in sorted(set(lb))}}
+        result["ground_truth"]["profile_similarity"] = ground_truth_similarity(
+            pairs, aligned_eta2(pa, truth_a), aligned_eta2(pb, truth_b), seed=seed)
         result["ground_truth"]["images"] = truth_a.images
         result["ground_truth"]["factors"] = truth_a.factors
         result["ground_truth"]["eta2_a"] = {f"L{l}H{h}": row for (l, h), row in zip(truth_a.heads, truth_a.eta2.numpy().round(4))}

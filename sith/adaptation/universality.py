@@ -376,8 +376,17 @@ def untrained_vision_control(loaded, seed: int = 0):
                 if isinstance(module, nn.MultiheadAttention):
                     module._reset_parameters()
             trunk = getattr(visual, "trunk", None)
+            embeddings = getattr(visual, "embeddings", None)
             if getattr(visual, "transformer", None) is None and hasattr(trunk, "init_weights"):
                 trunk.init_weights()  # a timm trunk (testbed-siglip): timm's own init, MAP latent included
+            elif hasattr(embeddings, "class_embedding"):  # transformers CLIP: open_clip's start, as below
+                width = embeddings.class_embedding.shape[-1]
+                embeddings.class_embedding.copy_(width ** -0.5 * torch.randn_like(embeddings.class_embedding))
+                position = embeddings.position_embedding.weight
+                position.copy_(width ** -0.5 * torch.randn_like(position))
+                projection = getattr(getattr(model, "hf", None), "visual_projection", None)
+                if projection is not None:
+                    projection.weight.copy_(width ** -0.5 * torch.randn_like(projection.weight))
             else:
                 width = visual.transformer.width
                 for name in ("class_embedding", "positional_embedding", "proj"):
@@ -626,11 +635,50 @@ def ground_truth_eta2(loaded, n_images: int = 1000, layers: int | Sequence[int] 
     return GroundTruth(heads=heads, factors=list(factors), eta2=torch.tensor(rows), images=n_images)
 
 
-def align_ground_truth(profiles: HeadProfiles, truth: GroundTruth, relative: bool = False) -> list[str]:
-    """Ground-truth labels in the order of ``profiles.heads``."""
+def ground_truth_similarity(pairs: Sequence[tuple[int, int]], truth_a: Tensor, truth_b: Tensor,
+                            permutations: int = 1000, seed: int = 0) -> dict:
+    """Mean cosine between matched heads' ground-truth profiles, against random pairings of B's heads.
+
+    A head's profile is its η² of every factor divided by that factor's mean η² over the model's
+    heads (the relative profile behind ``GroundTruth.labels(relative=True)``: raw η² favours
+    background in every head, trained or not). Unlike label agreement it uses every factor, not
+    only the largest. ``truth_a`` / ``truth_b`` are η² rows [n_heads, F] in the profiles' order;
+    chance re-pairs the same A heads with a permutation of B's heads."""
+    if not pairs:
+        return {"observed": float("nan"), "chance_mean": float("nan"), "chance_std": float("nan"), "p_value": 1.0,
+                "pairs": 0}
+
+    def relative(eta: Tensor) -> np.ndarray:
+        eta = eta.double()
+        eta = eta / eta.mean(0, keepdim=True).clamp_min(1e-12)
+        return F.normalize(eta, dim=1).numpy()
+
+    ra, rb = relative(truth_a), relative(truth_b)
+    rows = np.asarray([i for i, _ in pairs])
+    cols = np.asarray([j for _, j in pairs])
+    observed = float(np.mean(np.sum(ra[rows] * rb[cols], axis=1)))
+    rng = np.random.default_rng(seed)
+    null = np.asarray([np.mean(np.sum(ra[rows] * rb[rng.permutation(len(rb))][cols], axis=1))
+                       for _ in range(permutations)])
+    return {"observed": observed, "chance_mean": float(null.mean()), "chance_std": float(null.std()),
+            "p_value": permutation_p(observed, null), "pairs": len(pairs)}
+
+
+def _truth_rows(profiles: HeadProfiles, truth: GroundTruth) -> list[int]:
+    """Row of ``truth`` for each of ``profiles.heads``; InvalidInput when a head was not measured."""
     index = {h: i for i, h in enumerate(truth.heads)}
     missing = [h for h in profiles.heads if h not in index]
     if missing:
         raise InvalidInput("ground_truth", f"no ground truth for heads {missing[:3]}")
+    return [index[h] for h in profiles.heads]
+
+
+def aligned_eta2(profiles: HeadProfiles, truth: GroundTruth) -> Tensor:
+    """η² rows [n_heads, F] in the order of ``profiles.heads``."""
+    return truth.eta2[_truth_rows(profiles, truth)]
+
+
+def align_ground_truth(profiles: HeadProfiles, truth: GroundTruth, relative: bool = False) -> list[str]:
+    """Ground-truth labels in the order of ``profiles.heads``."""
     labels = truth.labels(relative)
-    return [labels[index[h]] for h in profiles.heads]
+    return [labels[i] for i in _truth_rows(profiles, truth)]

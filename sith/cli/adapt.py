@@ -233,6 +233,10 @@ def _print_match(result: dict) -> None:
     if block:
         out.print(f"category-block chance (each category moved across B's heads as one block): {block['mean']:.3f} ± "
                   f"{block['std']:.3f}, p = {block['p_value']:.3f}")
+    similar = result.get("ground_truth", {}).get("profile_similarity")
+    if similar:
+        out.print(f"ground-truth profile cosine of matched pairs (relative η² of every factor): "
+                  f"{similar['observed']:.3f} vs random pairing {similar['chance_mean']:.3f}, p = {similar['p_value']:.3f}")
     for name, agr in result.get("agreement", {}).items():
         out.print(f"matched pairs with the same {name.replace('_', ' ')}: {agr['agreeing']}/{agr['pairs']} "
                   f"({agr['observed']:.2f}) vs chance {agr['chance_mean']:.2f}, p = {agr['p_value']:.3f}")
