@@ -19,3 +19,28 @@ def test_shipped_folder_is_complete_and_small(name: str, timm_model: str) -> Non
     assert sum(p.stat().st_size for p in folder.iterdir()) <= MAX_BYTES
     config = json.loads((folder / CONFIG_NAME).read_text())
     assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == timm_model
+
+
+def test_shipped_transformers_clip_loads_by_name_and_with_from_pretrained() -> None:
+    """testbed-hf-clip: a transformers CLIPModel folder (issue 13's "HF CLIP config" second family),
+    complete and within budget; it resolves by name, speaks the world's words, and transformers'
+    own loader reads the same weights."""
+    import torch
+    import transformers
+
+    from sith.engine.models import load_reference
+    from sith.engine.towers.hf import HFModel
+    from sith.testbed.train import load_preset
+    from sith.testbed.vocabulary import is_testbed
+
+    folder = CHECKPOINT_DIR / "testbed-hf-clip"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "train.json", "eval.json", "preset.json"} <= names
+    assert CONFIG_NAME not in names and sum(p.stat().st_size for p in folder.iterdir()) <= MAX_BYTES
+    loaded = load_reference("testbed-hf-clip")
+    assert isinstance(loaded.model, HFModel) and loaded.info.layers == 5 and loaded.info.heads == 4
+    assert is_testbed(loaded)
+    stock = transformers.CLIPModel.from_pretrained(str(folder))
+    assert all(torch.equal(loaded.model.hf.state_dict()[k], v) for k, v in stock.state_dict().items())
+    assert json.loads((folder / "preset.json").read_text())["model_cfg"] == load_preset("hf-clip").model_cfg
+    assert json.loads((folder / "eval.json").read_text())["zero_shot"]["colour"]["accuracy"] >= 0.9

@@ -498,8 +498,8 @@ def load_reference(ref: str | None, device: str = "cpu") -> LoadedModel:
     if text in ("", "default"):
         return default_model(device)
     shipped = TESTBED_DIR.parent / text
-    if "/" not in text and (shipped / FOLDER_CONFIG).is_file():
-        return load_model(str(shipped), device=device)
+    if "/" not in text and ((shipped / FOLDER_CONFIG).is_file() or (shipped / HF_CONFIG).is_file()):
+        return load_model(str(shipped), device=device)  # open_clip layout, or transformers' (testbed-hf-clip)
     path = Path(text).expanduser()
     if path.is_dir():
         return load_model(str(path), device=device)

@@ -23,7 +23,7 @@ from sith.testbed.factors import BACKGROUNDS, COLOURS, COUNT_WORDS, PLURALS, POS
 
 DEFAULT_DISTRACTORS = 0  # English (unlearnt) distractors in the default testbed vocabulary
 MEASURED_DISTRACTORS = 200  # the pre-issue-18 vocabulary: world words + 200 English words
-TESTBED_MODELS = ("testbed-main", "testbed-small", "testbed-siglip", "testbed-timm")
+TESTBED_MODELS = ("testbed-main", "testbed-small", "testbed-siglip", "testbed-timm", "testbed-hf-clip")
 SETTINGS = ("default", "testbed")
 _TOKEN = re.compile(r"[a-z]+")
 # Caption words that carry no content (articles, prepositions, copulas): not useful as concepts.
