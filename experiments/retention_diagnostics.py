@@ -10,6 +10,11 @@ frontier's VALIDATION split only (the test seeds are never generated here).
    they use.
 3. **Where the loss lands.** For the default removal of each concept: the other factors'
    accuracy on the concept's own images and on the rest, with the images lost and gained.
+4. **The transposed closed form.** The default T = I − (1 − α) ĝ vᵀ reads a write's component along
+   ĝ and subtracts it along v = M⁻¹ĝ / ĝᵀM⁻¹ĝ, which avoids the preserved directions. Swapping the
+   two (read v, write ĝ: UCE's own "preserved inputs map to themselves") leaves writes along the
+   preserved directions untouched and scales the concept's own write by α. Measured for
+   λ ∈ {1, 2, 4} and targets {0.2, 0.1}.
 
     nice .venv/bin/python experiments/retention_diagnostics.py --model sith/testbed/checkpoints/testbed-main
 
@@ -32,7 +37,9 @@ from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
 from preserve_others_sweep import validation_setup  # noqa: E402
 from tasks import FACTORS  # noqa: E402
 
+from sith.edits import plan as plan_module  # noqa: E402
 from sith.edits.apply import apply_multipliers  # noqa: E402
+from sith.edits.operators import preserving_pair  # noqa: E402
 from sith.edits.plan import plan_edit  # noqa: E402
 from sith.edits.spec import EditSpec  # noqa: E402
 
@@ -77,6 +84,27 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
         out["floor"].append({"word": word, "writers": writers, "kept": kept})
         print(f"[{time.time() - started:.0f}s] {loaded.name} floor {word}: "
               f"{ {f: round(v, 3) for f, v in kept.items()} }", flush=True)
+
+    out["transposed"] = []
+    plan_module.preserving_pair = lambda *args, **kwargs: preserving_pair(*args, **kwargs)[::-1]  # (v, ĝ)
+    try:
+        for lam in (1.0, 2.0, 4.0):
+            for target in (0.2, 0.1):
+                row = {"lambda": lam, "target": target, "tasks": {}}
+                for name, task in TASKS.items():
+                    spec = EditSpec.from_dict({"model": loaded.name, "operations": [
+                        {"concepts": list(task["concepts"]), "action": "suppress", "target": target}]})
+                    plan = plan_edit(analyzer, spec, preserve_weight=lam)
+                    model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
+                    s = summarise(splits.measure(model, "val", task), bases[name], task)
+                    feasible, key = choice_key(s, task)
+                    row["tasks"][name] = {**s, "feasible": feasible, "key": key}
+                out["transposed"].append(row)
+                print(f"[{time.time() - started:.0f}s] {loaded.name} transposed λ={lam} t={target}: "
+                      f"{ {n: round(v['key'], 3) if v['feasible'] else 'miss' for n, v in row['tasks'].items()} }",
+                      flush=True)
+    finally:
+        plan_module.preserving_pair = preserving_pair
 
     natural = splits.sets["val"][0]
     before = splits.embed(base_model, "val", 0)
