@@ -44,3 +44,22 @@ def test_shipped_transformers_clip_loads_by_name_and_with_from_pretrained() -> N
     assert all(torch.equal(loaded.model.hf.state_dict()[k], v) for k, v in stock.state_dict().items())
     assert json.loads((folder / "preset.json").read_text())["model_cfg"] == load_preset("hf-clip").model_cfg
     assert json.loads((folder / "eval.json").read_text())["zero_shot"]["colour"]["accuracy"] >= 0.9
+
+
+def test_lora_finetune_of_the_transformers_testbed_model_by_name(tmp_path) -> None:
+    """`sith adapt finetune testbed-hf-clip --mode lora` (LoRA on q/k/v and out_proj through the tower
+    adapter), written back in transformers' format, then `sith adapt delta` on the pair."""
+    from click.testing import CliRunner
+
+    from sith.cli import main
+
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(main, ["adapt", "finetune", "testbed-hf-clip", str(out), "--mode", "lora",
+                                       "--steps", "2", "--batch-size", "8", "--subtask", "swap-red-blue"])
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "model.safetensors", "finetune.json"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["trainable_parameters"] == 5 * 4 * (3 * (96 + 96) + (96 + 96))  # rank 4: q, k, v + out_proj
+    delta = CliRunner().invoke(main, ["adapt", "delta", "testbed-hf-clip", str(out), "--json"])
+    assert delta.exit_code == 0, delta.output
+    assert all(row["relative"] > 0 for row in json.loads(delta.stdout)["heads"])

@@ -99,5 +99,5 @@ def test_lora_finetune_and_delta_by_name(tmp_path):
     assert summary["trainable_parameters"] == 5 * 4 * ((96 + 3 * 96) + (96 + 96))  # rank 4, qkv + proj
     delta = CliRunner().invoke(main, ["adapt", "delta", "testbed-timm", str(out), "--json"])
     assert delta.exit_code == 0, delta.output
-    report = json.loads(delta.output)
+    report = json.loads(delta.stdout)
     assert report["heads"] and all(row["relative"] > 0 for row in report["heads"])

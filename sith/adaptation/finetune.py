@@ -248,12 +248,18 @@ def finetune(
 
 
 def finetune_folder(base_dir: Path, out_dir: Path, cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune the checkpoint folder ``base_dir`` (open_clip hf-hub layout) into ``out_dir``."""
+    """Fine-tune the checkpoint folder ``base_dir`` (open_clip hf-hub layout, or a transformers CLIP
+    folder such as testbed-hf-clip, written back in the same format) into ``out_dir``."""
     from sith.engine.models import load_model
+    from sith.engine.towers.hf import HF_CONFIG, is_hf_folder
 
-    if not (base_dir / CONFIG_NAME).is_file() or not (base_dir / WEIGHTS_NAME).is_file():
-        raise InvalidInput("base", f"{base_dir} is not a checkpoint folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
-    model_cfg = json.loads((base_dir / CONFIG_NAME).read_text(encoding="utf-8"))["model_cfg"]
+    if is_hf_folder(base_dir):
+        model_cfg = {"hf": json.loads((base_dir / HF_CONFIG).read_text(encoding="utf-8"))}
+    elif (base_dir / CONFIG_NAME).is_file() and (base_dir / WEIGHTS_NAME).is_file():
+        model_cfg = json.loads((base_dir / CONFIG_NAME).read_text(encoding="utf-8"))["model_cfg"]
+    else:
+        raise InvalidInput("base", f"{base_dir} is not a checkpoint folder ({CONFIG_NAME} + {WEIGHTS_NAME}, or a "
+                           f"transformers {HF_CONFIG} + weights)")
     loaded = load_model(str(base_dir))
     _, summary = finetune(loaded.model, model_cfg, cfg, out_dir, log)
     summary["base"] = {"path": str(base_dir), "hash": loaded.hash}

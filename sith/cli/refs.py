@@ -19,13 +19,21 @@ from sith.engine.errors import InvalidInput
 
 
 def shipped_folder(name: str | None) -> Path | None:
-    """The shipped checkpoint folder called ``name`` ("testbed-main", "testbed-small", ...), if any."""
-    from sith.engine.models import FOLDER_CONFIG, TESTBED_DIR
+    """The shipped checkpoint folder called ``name`` ("testbed-main", "testbed-hf-clip", ...), if any."""
+    from sith.engine.models import TESTBED_DIR
 
     if not name or "/" in name or name.startswith("."):
         return None
     folder = TESTBED_DIR.parent / name
-    return folder if (folder / FOLDER_CONFIG).is_file() else None
+    return folder if _is_checkpoint_folder(folder) else None
+
+
+def _is_checkpoint_folder(folder: Path) -> bool:
+    """An open_clip folder (open_clip_config.json) or a transformers one (config.json, e.g. testbed-hf-clip)."""
+    from sith.engine.models import FOLDER_CONFIG
+    from sith.engine.towers.hf import is_hf_folder
+
+    return (folder / FOLDER_CONFIG).is_file() or is_hf_folder(folder)
 
 
 def load_cli_model(model: str | None, pretrained: str | None = None, checkpoint: str | None = None,
@@ -52,8 +60,8 @@ def load_cli_model(model: str | None, pretrained: str | None = None, checkpoint:
 
 
 def checkpoint_folder(ref: str) -> Path | None:
-    """The open_clip folder a reference names directly (a shipped name, ``default`` or a folder path)."""
-    from sith.engine.models import FOLDER_CONFIG, TESTBED_DIR
+    """The checkpoint folder a reference names directly (a shipped name, ``default`` or a folder path)."""
+    from sith.engine.models import TESTBED_DIR
 
     text = (ref or "").strip()
     if text in ("", "default"):
@@ -62,12 +70,13 @@ def checkpoint_folder(ref: str) -> Path | None:
     if folder is not None:
         return folder
     path = Path(text).expanduser()
-    return path if (path / FOLDER_CONFIG).is_file() else None
+    return path if _is_checkpoint_folder(path) else None
 
 
 @contextlib.contextmanager
 def as_folder(ref: str, field: str = "model") -> Iterator[Path]:
-    """An open_clip folder holding the referenced model, for code that reads folders (fine-tuning).
+    """A checkpoint folder (open_clip or transformers layout) holding the referenced model, for code
+    that reads folders (fine-tuning).
 
     Folders and shipped names are used in place; anything else (a single-file export, an open_clip
     name, hf-hub:...) is loaded and written to a temporary folder that is removed afterwards.
