@@ -10,11 +10,14 @@ frontier's VALIDATION split only (the test seeds are never generated here).
    they use.
 3. **Where the loss lands.** For the default removal of each concept: the other factors'
    accuracy on the concept's own images and on the rest, with the images lost and gained.
-4. **The transposed closed form.** The default T = I − (1 − α) ĝ vᵀ reads a write's component along
-   ĝ and subtracts it along v = M⁻¹ĝ / ĝᵀM⁻¹ĝ, which avoids the preserved directions. Swapping the
-   two (read v, write ĝ: UCE's own "preserved inputs map to themselves") leaves writes along the
-   preserved directions untouched and scales the concept's own write by α. Measured for
-   λ ∈ {1, 2, 4} and targets {0.2, 0.1}.
+4. **Other closed forms.** The default T = I − (1 − α) ĝ vᵀ reads a write's component along ĝ and
+   subtracts it along v = M⁻¹ĝ / ĝᵀM⁻¹ĝ, which avoids the preserved directions. "transposed"
+   swaps the two (read v, write ĝ: UCE's own "preserved inputs map to themselves"): writes along the
+   preserved directions are untouched and the concept's own write is scaled by α. "two-sided"
+   reads and writes along v̂ = v / ‖v‖ (T = I − (1 − α) v̂ v̂ᵀ): preserved writes untouched and
+   nothing written towards them, but the concept's write along ĝ is only scaled by
+   1 − (1 − α)/‖v‖², so the planner's α under-removes. Measured for λ ∈ {1, 2, 4} and targets
+   {0.2, 0.1, 0.0}.
 
     nice .venv/bin/python experiments/retention_diagnostics.py --model sith/testbed/checkpoints/testbed-main
 
@@ -46,6 +49,8 @@ from sith.edits.spec import EditSpec  # noqa: E402
 HERE = Path(__file__).resolve().parent
 NON_FACTOR_WORDS = ("something", "picture", "wall", "photo")
 GREEDY_ALPHAS = (0.0, 0.3, 0.5)
+# (ĝ, v) -> the (read, write) pair of T = I − (1 − α) read writeᵀ (module docstring, item 4).
+CLOSED_FORMS = {"transposed": lambda u, v: (v, u), "two-sided": lambda u, v: (v / v.norm(), v / v.norm())}
 
 
 def _edited(loaded, analyzer, concepts: list[str], **op) -> tuple[torch.nn.Module, int]:
@@ -85,24 +90,26 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
         print(f"[{time.time() - started:.0f}s] {loaded.name} floor {word}: "
               f"{ {f: round(v, 3) for f, v in kept.items()} }", flush=True)
 
-    out["transposed"] = []
-    plan_module.preserving_pair = lambda *args, **kwargs: preserving_pair(*args, **kwargs)[::-1]  # (v, ĝ)
+    out["closed_forms"] = []
     try:
-        for lam in (1.0, 2.0, 4.0):
-            for target in (0.2, 0.1):
-                row = {"lambda": lam, "target": target, "tasks": {}}
-                for name, task in TASKS.items():
-                    spec = EditSpec.from_dict({"model": loaded.name, "operations": [
-                        {"concepts": list(task["concepts"]), "action": "suppress", "target": target}]})
-                    plan = plan_edit(analyzer, spec, preserve_weight=lam)
-                    model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
-                    s = summarise(splits.measure(model, "val", task), bases[name], task)
-                    feasible, key = choice_key(s, task)
-                    row["tasks"][name] = {**s, "feasible": feasible, "key": key}
-                out["transposed"].append(row)
-                print(f"[{time.time() - started:.0f}s] {loaded.name} transposed λ={lam} t={target}: "
-                      f"{ {n: round(v['key'], 3) if v['feasible'] else 'miss' for n, v in row['tasks'].items()} }",
-                      flush=True)
+        for variant, form in CLOSED_FORMS.items():
+            # the planner builds every (read, write) pair with preserving_pair: re-form what it returns
+            plan_module.preserving_pair = lambda *args, _form=form, **kwargs: _form(*preserving_pair(*args, **kwargs))
+            for lam in (1.0, 2.0, 4.0):
+                for target in (0.2, 0.1, 0.0):
+                    row = {"form": variant, "lambda": lam, "target": target, "tasks": {}}
+                    for name, task in TASKS.items():
+                        spec = EditSpec.from_dict({"model": loaded.name, "operations": [
+                            {"concepts": list(task["concepts"]), "action": "suppress", "target": target}]})
+                        plan = plan_edit(analyzer, spec, preserve_weight=lam)
+                        model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
+                        s = summarise(splits.measure(model, "val", task), bases[name], task)
+                        feasible, key = choice_key(s, task)
+                        row["tasks"][name] = {**s, "feasible": feasible, "key": key}
+                    out["closed_forms"].append(row)
+                    print(f"[{time.time() - started:.0f}s] {loaded.name} {variant} λ={lam} t={target}: "
+                          f"{ {n: round(v['key'], 3) if v['feasible'] else 'miss' for n, v in row['tasks'].items()} }",
+                          flush=True)
     finally:
         plan_module.preserving_pair = preserving_pair
 
