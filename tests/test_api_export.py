@@ -130,7 +130,8 @@ def test_exports_without_an_architecture_are_refused(tiny, tmp_path):
 
 
 def test_shipped_names_refine_with_checkpoint_options(tiny, tmp_path):
-    from sith.cli.refs import checkpoint_folder, shipped_folder
+    from sith.cli.refs import checkpoint_folder
+    from sith.engine.models import shipped_folder
 
     assert shipped_folder("testbed-main") is not None and shipped_folder("ViT-B-32") is None
     assert shipped_folder("../testbed-main") is None

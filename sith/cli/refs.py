@@ -18,28 +18,10 @@ from pathlib import Path
 from sith.engine.errors import InvalidInput
 
 
-def shipped_folder(name: str | None) -> Path | None:
-    """The shipped checkpoint folder called ``name`` ("testbed-main", "testbed-hf-clip", ...), if any."""
-    from sith.engine.models import TESTBED_DIR
-
-    if not name or "/" in name or name.startswith("."):
-        return None
-    folder = TESTBED_DIR.parent / name
-    return folder if _is_checkpoint_folder(folder) else None
-
-
-def _is_checkpoint_folder(folder: Path) -> bool:
-    """An open_clip folder (open_clip_config.json) or a transformers one (config.json, e.g. testbed-hf-clip)."""
-    from sith.engine.models import FOLDER_CONFIG
-    from sith.engine.towers.hf import is_hf_folder
-
-    return (folder / FOLDER_CONFIG).is_file() or is_hf_folder(folder)
-
-
 def load_cli_model(model: str | None, pretrained: str | None = None, checkpoint: str | None = None,
                    config: str | None = None, device: str = "cpu"):
     """The model named by the shared CLI options (see the module docstring)."""
-    from sith.engine.models import load_model, load_reference
+    from sith.engine.models import load_model, load_reference, shipped_folder
 
     if pretrained is not None and model is None:
         raise InvalidInput("--pretrained", "a pretrained tag needs --model NAME (e.g. --model ViT-B-32 --pretrained openai)")
@@ -61,7 +43,7 @@ def load_cli_model(model: str | None, pretrained: str | None = None, checkpoint:
 
 def checkpoint_folder(ref: str) -> Path | None:
     """The checkpoint folder a reference names directly (a shipped name, ``default`` or a folder path)."""
-    from sith.engine.models import TESTBED_DIR
+    from sith.engine.models import TESTBED_DIR, is_checkpoint_folder, shipped_folder
 
     text = (ref or "").strip()
     if text in ("", "default"):
@@ -70,7 +52,7 @@ def checkpoint_folder(ref: str) -> Path | None:
     if folder is not None:
         return folder
     path = Path(text).expanduser()
-    return path if _is_checkpoint_folder(path) else None
+    return path if is_checkpoint_folder(path) else None
 
 
 @contextlib.contextmanager

@@ -487,6 +487,19 @@ def load_model(
     return _load_named(name, pretrained, checkpoint, device)
 
 
+def is_checkpoint_folder(folder: Path) -> bool:
+    """An open_clip folder (open_clip_config.json) or a transformers one (config.json, e.g. testbed-hf-clip)."""
+    return (folder / FOLDER_CONFIG).is_file() or is_hf_folder(folder)
+
+
+def shipped_folder(name: str | None) -> Path | None:
+    """The shipped checkpoint folder called ``name`` ("testbed-main", "testbed-hf-clip", ...), if any."""
+    if not name or "/" in name or name.startswith("."):
+        return None
+    folder = TESTBED_DIR.parent / name
+    return folder if is_checkpoint_folder(folder) else None
+
+
 def load_reference(ref: str | None, device: str = "cpu") -> LoadedModel:
     """A model named by one string, the same everywhere (CLI arguments, ``SITH_MODELS``, job payloads).
 
@@ -497,9 +510,9 @@ def load_reference(ref: str | None, device: str = "cpu") -> LoadedModel:
     text = (ref or "").strip()
     if text in ("", "default"):
         return default_model(device)
-    shipped = TESTBED_DIR.parent / text
-    if "/" not in text and ((shipped / FOLDER_CONFIG).is_file() or (shipped / HF_CONFIG).is_file()):
-        return load_model(str(shipped), device=device)  # open_clip layout, or transformers' (testbed-hf-clip)
+    shipped = shipped_folder(text)
+    if shipped is not None:
+        return load_model(str(shipped), device=device)
     path = Path(text).expanduser()
     if path.is_dir():
         return load_model(str(path), device=device)
