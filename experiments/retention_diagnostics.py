@@ -53,10 +53,12 @@ GREEDY_ALPHAS = (0.0, 0.3, 0.5)
 CLOSED_FORMS = {"transposed": lambda u, v: (v, u), "two-sided": lambda u, v: (v / v.norm(), v / v.norm())}
 
 
-def _edited(loaded, analyzer, concepts: list[str], **op) -> tuple[torch.nn.Module, int]:
+def _edited(loaded, analyzer, concepts: list[str], preserve_weight: float = plan_module.DEFAULT_PRESERVE_WEIGHT,
+            **op) -> tuple[torch.nn.Module, int]:
+    """The model after suppressing ``concepts`` (default target 0.2; ``op`` overrides fields), and its writer count."""
     spec = EditSpec.from_dict({"model": loaded.name,
                                "operations": [{"concepts": concepts, "action": "suppress", "target": 0.2, **op}]})
-    plan = plan_edit(analyzer, spec)
+    plan = plan_edit(analyzer, spec, preserve_weight=preserve_weight)
     return apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval(), len(plan.affected)
 
 
@@ -99,10 +101,8 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
                 for target in (0.2, 0.1, 0.0):
                     row = {"form": variant, "lambda": lam, "target": target, "tasks": {}}
                     for name, task in TASKS.items():
-                        spec = EditSpec.from_dict({"model": loaded.name, "operations": [
-                            {"concepts": list(task["concepts"]), "action": "suppress", "target": target}]})
-                        plan = plan_edit(analyzer, spec, preserve_weight=lam)
-                        model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
+                        model, _ = _edited(loaded, analyzer, list(task["concepts"]), preserve_weight=lam,
+                                           target=target)
                         s = summarise(splits.measure(model, "val", task), bases[name], task)
                         feasible, key = choice_key(s, task)
                         row["tasks"][name] = {**s, "feasible": feasible, "key": key}
