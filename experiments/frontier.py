@@ -4,10 +4,11 @@
     nice .venv/bin/python experiments/frontier.py --model sith/testbed/checkpoints/testbed-small
 
 Tasks: remove "red", remove "blue", remove "circle" (a shape), and the water/land debias
-(suppress both backgrounds). For every operator (head_mlp_project, head_project, sith_scale,
-head_ablation, output_projection) the planner is run target-driven over a grid of target presences
-(λ = 1 for the two head projections; λ = 4 was measured on validation and cost the other factors
-more); each plan is applied and measured on
+(suppress both backgrounds). For every operator (head_mlp_orthogonal, head_mlp_project,
+head_project, sith_scale, head_ablation, output_projection) the planner is run target-driven over a
+grid of target presences (λ = 1 for head_mlp_project and head_project; λ = 4 was measured on
+validation and cost the other factors more; head_mlp_orthogonal with the library's λ); each plan is
+applied and measured on
 
 * the **validation** split (world seeds HELDOUT+20/+30): used to choose each operator's point and
   to check the library defaults, and
@@ -59,10 +60,12 @@ TASKS = {
     "circle": {"kind": "remove", "concepts": ["circle"], "factor": "shape"},
     "water/land": {"kind": "debias", "concepts": ["water", "land"], "factor": "background"},
 }
-OPERATORS = ("head_mlp_project", "head_project", "sith_scale", "head_ablation", "output_projection")
-# Target presences swept per operator (the head_mlp_project grid is finer: it is the default), and
+OPERATORS = ("head_mlp_orthogonal", "head_mlp_project", "head_project", "sith_scale", "head_ablation",
+             "output_projection")
+# Target presences swept per operator (the two MLP projections get the finer grid: one is the default), and
 # the preservation weights λ of the projections. Sized for a shared 2-core CPU.
-TARGETS = {"head_mlp_project": (0.5, 0.35, 0.25, 0.15, 0.05), "head_project": (0.5, 0.35, 0.25, 0.1),
+TARGETS = {"head_mlp_orthogonal": (0.5, 0.35, 0.25, 0.15, 0.05),
+           "head_mlp_project": (0.5, 0.35, 0.25, 0.15, 0.05), "head_project": (0.5, 0.35, 0.25, 0.1),
            "sith_scale": (0.5, 0.3, 0.1), "head_ablation": (0.5, 0.3, 0.1), "output_projection": (0.5, 0.3, 0.1)}
 LAMBDAS = {"head_mlp_project": (1.0,), "head_project": (1.0,), "output_projection": (0.0,)}
 # The issue's targets (held-out test seeds, default command).
@@ -78,17 +81,26 @@ class Splits:
 
     def __init__(self, loaded, n_val: int, n_test: int, n_val_spu: int, n_test_spu: int) -> None:
         self.zs = ZeroShot(loaded.model, loaded.tokenizer)
+        self.base_model = loaded.model
         self.sets = {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val")),
                      "test": (natural_set(n_test, "fresh"), spurious_set(n_test_spu, "fresh"))}
+        self._reference: dict[str, torch.Tensor] = {}
 
     def embed(self, model, split: str, which: int) -> torch.Tensor:
         return image_features(model, self.sets[split][which].images)
+
+    def fidelity(self, feats: torch.Tensor, split: str) -> float:
+        """Mean cosine between each natural image's embedding and the base model's: what an edit does
+        to the embedding itself, which the service's embedding endpoints pass on (1 = unchanged)."""
+        if split not in self._reference:
+            self._reference[split] = self.embed(self.base_model.eval(), split, 0)
+        return float(torch.nn.functional.cosine_similarity(feats, self._reference[split], dim=-1).mean())
 
     def measure(self, model, split: str, task: dict, keep: dict | None = None) -> dict:
         """Metrics of one split; ``keep`` receives the embeddings the probe needs (no re-encoding)."""
         natural, spurious = self.sets[split]
         feats = self.embed(model, split, 0)
-        out = {"factors": self.zs.factor_accuracy(feats, natural)}
+        out = {"factors": self.zs.factor_accuracy(feats, natural), "fidelity": self.fidelity(feats, split)}
         if task["kind"] == "remove":
             factor, value = task["factor"], task["concepts"][0]
             out["recall"] = self.zs.class_recall(feats, natural, factor, value)
@@ -107,6 +119,8 @@ def summarise(m: dict, base: dict, task: dict) -> dict:
     factor = task["factor"]
     others = {f: m["factors"][f] / base["factors"][f] for f in FACTOR_NAMES if f != factor and base["factors"][f] > 0}
     out = {"other_min": min(others.values()), "other_min_factor": min(others, key=others.get)}
+    if "fidelity" in m:
+        out["fidelity"] = m["fidelity"]
     if task["kind"] == "remove":
         out["recall"] = m["recall"]
         out["rest_keep"] = m["rest"] / base["rest"] if base["rest"] else 0.0
@@ -199,7 +213,8 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
                         *tower_writers(loaded))
     base_model = loaded.model.eval()
     result: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": sizes, "tasks": {},
-                    "prior_weight": plan_module.PRIOR_WEIGHT, "preserve_weight": plan_module.DEFAULT_PRESERVE_WEIGHT}
+                    "prior_weight": plan_module.PRIOR_WEIGHT, "preserve_weight": plan_module.DEFAULT_PRESERVE_WEIGHT,
+                    "orthogonal_weight": plan_module.ORTHOGONAL_PRESERVE_WEIGHT}
     for name in tasks:
         task = TASKS[name]
         base_feats: dict = {}
@@ -212,7 +227,7 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
         def measure(plan, label: dict) -> tuple[dict, dict]:
             model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
             point = {**label, **predictions(geometry, plan), "writers": len(plan.affected),
-                     "warnings": len(plan.warnings)}
+                     "warnings": len(plan.warnings), "warning_tags": warning_tags(plan.warnings)}
             feats: dict = {}
             for s in ("val", "test"):
                 point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
@@ -267,9 +282,12 @@ def default_point(analyzer, splits: Splits, task: dict, base: dict, geometry: Ge
     plan = plan_edit(analyzer, spec_for(loaded, task, None, None))
     model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
     op = plan.spec.operations[0]
-    point = {"operator": op.operator, "lambda": plan_module.DEFAULT_PRESERVE_WEIGHT, "target": op.target,
+    lam = (plan_module.ORTHOGONAL_PRESERVE_WEIGHT if op.operator == "head_mlp_orthogonal"
+           else plan_module.DEFAULT_PRESERVE_WEIGHT)
+    point = {"operator": op.operator, "lambda": lam, "target": op.target,
              **predictions(geometry, plan), "writers": len(plan.affected),
-             "warnings": len(plan.warnings), "warnings_text": plan.warnings, "notes": plan.notes}
+             "warnings": len(plan.warnings), "warning_tags": warning_tags(plan.warnings),
+             "warnings_text": plan.warnings, "notes": plan.notes}
     feats: dict = {}
     for s in ("val", "test"):
         point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
@@ -289,10 +307,12 @@ def refresh_defaults(raw: dict, folders: list[str]) -> None:
         splits = Splits(loaded, *result["sizes"])
         result["prior_weight"] = plan_module.PRIOR_WEIGHT
         result["preserve_weight"] = plan_module.DEFAULT_PRESERVE_WEIGHT
+        result["orthogonal_weight"] = plan_module.ORTHOGONAL_PRESERVE_WEIGHT
         for name, entry in result["tasks"].items():
             base = {s: entry["base"][s]["raw"] for s in ("val", "test")}
             entry["default"] = default_point(analyzer, splits, entry["task"], base)
             print(f"{loaded.name} {name}: default {json.dumps(entry['default']['test'])}", flush=True)
+        summarise_result(result)  # the calibration counts the default point too
 
 
 def rank_correlations(result: dict, key: str = "predicted") -> dict:
@@ -331,19 +351,29 @@ def summarise_result(result: dict) -> None:
     result["calibration"] = calibration(result)
 
 
+# Preview warnings that say the removal itself may fall short ([preserve] only says a neighbour moves).
+REMOVAL_WARNINGS = ("[unreachable]", "[prior]")
+
+
+def warning_tags(warnings: list[str]) -> list[str]:
+    """The distinct tags ("[prior]", …) that open a plan's warnings."""
+    return sorted({w.split("]", 1)[0] + "]" for w in warnings if w.startswith("[")})
+
+
 def calibration(result: dict) -> dict:
     """Removal points whose prior-corrected prediction says "removed" (≤ the default target): how many
-    really are (test recall ≤ RECALL_TARGET), and how many of those that are not carried a warning."""
+    really are (test recall ≤ RECALL_TARGET), and how many of those that are not carried a warning
+    that the removal may fall short (REMOVAL_WARNINGS; the default command's point included)."""
     said = hit = warned_miss = 0
     for entry in result["tasks"].values():
         if entry["task"]["kind"] != "remove":
             continue
-        for p in entry["points"]:
+        for p in [*entry["points"], entry["default"]]:
             if p["predicted_effective"] <= DEFAULT_SUPPRESS_TARGET + 1e-9:
                 said += 1
                 if p["test"]["recall"] <= RECALL_TARGET:
                     hit += 1
-                elif p["warnings"]:
+                elif set(p.get("warning_tags", [])) & set(REMOVAL_WARNINGS):
                     warned_miss += 1
     return {"predicted_removed": said, "removed": hit, "missed_with_warning": warned_miss,
             "missed_silently": said - hit - warned_miss}
@@ -359,6 +389,7 @@ def pct(x: float) -> str:
 def _row(label: str, p: dict, kind: str, probe_value: float | None = None) -> str:
     t = p["test"]
     tail = f" | {pct(probe_value)}" if probe_value is not None else " | –"
+    tail += f" | {t['fidelity']:.3f}" if "fidelity" in t else " | –"
     if kind == "remove":
         return (f"| {label} | {pct(t['recall'])} | {pct(t['rest_keep'])}% | {pct(t['other_min'])}% "
                 f"({t['other_min_factor']}) | {'yes' if t['met'] else 'no'}{tail} |")
@@ -369,7 +400,8 @@ def _row(label: str, p: dict, kind: str, probe_value: float | None = None) -> st
 def render(result: dict) -> str:
     lines = [f"# Edit frontier on `{result['model']}`", "",
              f"Generated by `experiments/frontier.py` in {result['seconds']} s (2-core AMD EPYC VM, shared; no GPU). "
-             f"Library defaults measured: λ = {result.get('preserve_weight', '?')}, prior weight "
+             f"Library defaults measured: λ = {result.get('orthogonal_weight', '?')} (head_mlp_orthogonal; "
+             f"{result.get('preserve_weight', '?')} where it uses head_mlp_project's form), prior weight "
              f"{result.get('prior_weight', '?')}. Images per split: "
              f"validation {result['sizes'][0]} natural / {result['sizes'][2]} spurious, fresh test {result['sizes'][1]} "
              f"/ {result['sizes'][3]}. Every point chosen on validation, every number below on the fresh test seeds.", ""]
@@ -382,15 +414,17 @@ def render(result: dict) -> str:
                       f"Base (test): recall {pct(base['recall'])}, probe {pct(entry['base_probe'])}. Target: recall ≤ "
                       f"{pct(RECALL_TARGET)}, rest of the factor ≥ {pct(SAME_FACTOR_KEEP)}%, every other factor ≥ "
                       f"{pct(OTHER_FACTOR_KEEP)}% of base.", "",
-                      "| edit | recall | rest of factor kept | min other factor kept | target met | probe bal. acc. |",
-                      "|---|---|---|---|---|---|"]
+                      "| edit | recall | rest of factor kept | min other factor kept | target met | probe bal. acc. | "
+                      "fidelity |",
+                      "|---|---|---|---|---|---|---|"]
         else:
             lines += [f"## Debias water/land (suppress both)", "",
                       f"Base (test): worst group {pct(base['worst'])}, mean {pct(base['mean'])}, water-vs-land probe "
                       f"{pct(entry['base_probe'])}. Target: worst ≥ base + {WORST_GAIN * 100:.0f}, mean not lower, every "
                       f"non-background factor ≥ {pct(DEBIAS_KEEP)}%.", "",
-                      "| edit | worst group | mean | min other factor kept | target met | probe bal. acc. |",
-                      "|---|---|---|---|---|---|"]
+                      "| edit | worst group | mean | min other factor kept | target met | probe bal. acc. | "
+                      "fidelity |",
+                      "|---|---|---|---|---|---|---|"]
         for operator, p in entry["chosen"].items():
             lam = "" if p["lambda"] is None else f", λ={p['lambda']:g}"
             lines.append(_row(f"{operator} (val-chosen: target {p['target']:g}{lam}, {p['writers']} writers)", p, kind,
@@ -404,15 +438,18 @@ def render(result: dict) -> str:
                   + f" ({sum(w.startswith('[preserve]') for w in warned)} preserve warning(s))."]
         lines += ["", f"<details><summary>all {len(entry['points'])} frontier points (test)</summary>", "",
                   "| operator | λ | target | predicted | prior-corrected | warnings | " +
-                  ("recall | rest kept | min other |" if kind == "remove" else "worst gain | mean gain | min other |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  ("recall | rest kept | min other |" if kind == "remove" else "worst gain | mean gain | min other |")
+                  + " fidelity |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for p in entry["points"]:
             t = p["test"]
             cols = ((pct(t["recall"]), pct(t["rest_keep"]), pct(t["other_min"])) if kind == "remove"
                     else (f"{t['worst_gain'] * 100:+.1f}", f"{t['mean_gain'] * 100:+.1f}", pct(t["other_min"])))
             lam = "–" if p["lambda"] is None else f"{p['lambda']:g}"
+            fid = f"{t['fidelity']:.3f}" if "fidelity" in t else "–"
             lines.append(f"| {p['operator']} | {lam} | {p['target']:g} | {p['predicted']:.3f} | "
-                         f"{p.get('predicted_effective', float('nan')):.3f} | {p['warnings']} | " + " | ".join(cols) + " |")
+                         f"{p.get('predicted_effective', float('nan')):.3f} | {p['warnings']} | " + " | ".join(cols)
+                         + f" | {fid} |")
         lines += ["", "</details>", ""]
     sp = result["spearman"]
     lines += ["## Does the data-free prediction rank the measured effect?", "",
@@ -433,10 +470,11 @@ def render(result: dict) -> str:
             "remove more (and destroy more) than the projections."]
     cal = result.get("calibration")
     if cal:
-        lines += ["", f"Calibration (removals): {cal['predicted_removed']} edits were predicted removed (prior-corrected "
-                  f"≤ {DEFAULT_SUPPRESS_TARGET:g}); "
+        lines += ["", f"Calibration (removals, the default command included): {cal['predicted_removed']} edits were "
+                  f"predicted removed (prior-corrected ≤ {DEFAULT_SUPPRESS_TARGET:g}); "
                   f"{cal['removed']} were (test recall ≤ {pct(RECALL_TARGET)} %), {cal['missed_with_warning']} missed "
-                  f"with a preview warning, **{cal['missed_silently']} missed silently**."]
+                  f"with a {' or '.join(REMOVAL_WARNINGS)} preview warning, **{cal['missed_silently']} missed without "
+                  "one**."]
     lines.append("")
     return "\n".join(lines)
 
@@ -449,8 +487,8 @@ def plot(result: dict, path: Path) -> None:
 
     names = list(result["tasks"])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8))
-    colours = {"head_mlp_project": "tab:purple", "head_project": "tab:blue", "sith_scale": "tab:orange", "head_ablation": "tab:red",
-               "output_projection": "tab:green"}
+    colours = {"head_mlp_orthogonal": "tab:brown", "head_mlp_project": "tab:purple", "head_project": "tab:blue",
+               "sith_scale": "tab:orange", "head_ablation": "tab:red", "output_projection": "tab:green"}
     for ax, name in zip(axes if len(names) > 1 else [axes], names):
         entry = result["tasks"][name]
         remove = entry["task"]["kind"] == "remove"

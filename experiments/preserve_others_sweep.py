@@ -9,8 +9,8 @@ The stored sweep (docs/edits.md, "Frontier") ran, per model, side by side:
 ``--grid 0 4 8 --lam 2 --target 0.25 0.3`` and ``--grid 0 8 --lam 2 --last 3 4 5`` (main) /
 ``--grid 0 8 32 --lam 2 4 --last 2 3 4`` (small).
 
-Only the default command (EditSpec defaults: head_mlp_project, target 0.2, λ = 2, prior weight 1.2)
-is planned, with λ_o over a small grid (optionally also over λ (``--lam``), the suppress target
+Only the default command of the time (head_mlp_project, pinned as ``ONE_SIDED``; target 0.2, λ = 2,
+prior weight 1.2) is planned, with λ_o over a small grid (optionally also over λ (``--lam``), the suppress target
 (``--target``), the "other" set (``--rule``) and the edit restricted to the last k layers (``--last``)),
 applied and measured on the frontier's VALIDATION split only (experiments/frontier.py: world seeds
 HELDOUT+20/+30, 400 natural / 200 spurious images); the test seeds are never generated here. Each
@@ -43,6 +43,10 @@ from sith.engine.models import load_model  # noqa: E402
 from sith.testbed.vocabulary import testbed_vocabulary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# The form this sweep (and retention_diagnostics/retention_variants) studies: head_mlp_project, the
+# default operator when they were run; pinned so that they regenerate the same tables now that the
+# default is head_mlp_orthogonal (docs/edits.md).
+ONE_SIDED = "head_mlp_project"
 
 
 class ValidationSplits(Splits):
@@ -50,7 +54,9 @@ class ValidationSplits(Splits):
 
     def __init__(self, loaded, n_val: int, n_val_spu: int) -> None:
         self.zs = ZeroShot(loaded.model, loaded.tokenizer)
+        self.base_model = loaded.model
         self.sets = {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val"))}
+        self._reference: dict = {}
 
 
 def validation_setup(folder: str, n_val: int, n_spu: int) -> tuple:
@@ -113,7 +119,7 @@ def run(folder: str, grid: list[float], last: list[int | None], tasks: list[str]
                          "tasks": {}}
             for name in tasks:
                 task = TASKS[name]
-                spec = with_layers(spec_for(loaded, task, None, target), layers)
+                spec = with_layers(spec_for(loaded, task, ONE_SIDED, target), layers)
                 plan = plan_edit(analyzer, spec, preserve_weight=lam, preserve_others_weight=lam_o)
                 model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
                 s = summarise(splits.measure(model, "val", task), bases[name], task)
@@ -180,7 +186,7 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.5, 2.0, 8.0])
@@ -197,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-val-spurious", type=int, default=200)
     parser.add_argument("--out", default=str(HERE / "preserve_others_sweep.json"))
     parser.add_argument("--summary", action="store_true", help="print the table of an existing --out JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.summary:
         print(render(summary(json.loads(Path(args.out).read_text(encoding="utf-8")))))
         return 0

@@ -5,9 +5,9 @@ frontier's VALIDATION split only (the test seeds are never generated here).
    The planner's other mode, a fixed α with writers added greedily by their share of the concept's
    write capacity until the predicted presence reaches the target, puts the same removal on fewer
    writers. Measured for α ∈ {0, 0.3, 0.5}.
-2. **A sensitivity floor.** The default command on words that name no world factor ("something",
-   "picture", "wall", "photo"): what an edit of that size costs the factors when it removes nothing
-   they use.
+2. **A sensitivity floor.** The default command on every vocabulary word that names no world
+   factor ("photo", "picture", "wall", "something", "object", ...: 12 words): what an edit of that
+   size costs the factors when it removes nothing they use.
 3. **Where the loss lands.** For the default removal of each concept: the other factors'
    accuracy on the concept's own images and on the rest, with the images lost and gained.
 4. **Other closed forms.** The default T = I − (1 − α) ĝ vᵀ reads a write's component along ĝ and
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import validation_setup  # noqa: E402
+from preserve_others_sweep import ONE_SIDED, validation_setup  # noqa: E402
 from tasks import FACTORS  # noqa: E402
 
 from sith.edits import plan as plan_module  # noqa: E402
@@ -45,19 +45,26 @@ from sith.edits.apply import apply_multipliers  # noqa: E402
 from sith.edits.operators import preserving_pair  # noqa: E402
 from sith.edits.plan import plan_edit  # noqa: E402
 from sith.edits.spec import EditSpec  # noqa: E402
+from sith.testbed.vocabulary import testbed_categories, testbed_vocabulary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-NON_FACTOR_WORDS = ("something", "picture", "wall", "photo")
 GREEDY_ALPHAS = (0.0, 0.3, 0.5)
 # (ĝ, v) -> the (read, write) pair of T = I − (1 − α) read writeᵀ (module docstring, item 4).
 CLOSED_FORMS = {"transposed": lambda u, v: (v, u), "two-sided": lambda u, v: (v / v.norm(), v / v.norm())}
+
+
+def non_factor_words() -> list[str]:
+    """The testbed vocabulary's words that are no value of any world factor (nor a shape group)."""
+    values = {w for words in testbed_categories().values() for w in words}
+    return [w for w in testbed_vocabulary() if w not in values]
 
 
 def _edited(loaded, analyzer, concepts: list[str], preserve_weight: float = plan_module.DEFAULT_PRESERVE_WEIGHT,
             **op) -> tuple[torch.nn.Module, int]:
     """The model after suppressing ``concepts`` (default target 0.2; ``op`` overrides fields), and its writer count."""
     spec = EditSpec.from_dict({"model": loaded.name,
-                               "operations": [{"concepts": concepts, "action": "suppress", "target": 0.2, **op}]})
+                               "operations": [{"concepts": concepts, "action": "suppress", "target": 0.2,
+                                               "operator": ONE_SIDED, **op}]})
     plan = plan_edit(analyzer, spec, preserve_weight=preserve_weight)
     return apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval(), len(plan.affected)
 
@@ -84,7 +91,7 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
 
     task = TASKS["red"]  # any remove task: only the factor accuracies are read
     base = bases["red"]["factors"]
-    for word in NON_FACTOR_WORDS:
+    for word in non_factor_words():
         model, writers = _edited(loaded, analyzer, [word])
         factors = splits.measure(model, "val", task)["factors"]
         kept = {f: factors[f] / base[f] for f in FACTOR_NAMES if base[f] > 0}
@@ -147,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     path = Path(args.out)
-    stored = json.loads(path.read_text()) if path.is_file() else {}
     for folder in args.model or ["sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small"]:
         result = run(folder, args.n_val, args.n_val_spurious)
+        # re-read just before writing: one process per model may run side by side
+        stored = json.loads(path.read_text()) if path.is_file() else {}
         stored[result["model"]] = result
         path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
     return 0

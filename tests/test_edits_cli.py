@@ -104,7 +104,7 @@ def test_default_command_is_target_driven_and_previews_its_effect(setup):
     assert code == 0, out
     plan = json.loads(out)
     op = plan["spec"]["operations"][0]
-    assert op["operator"] == "head_mlp_project" and op["select"] == {"rule": "auto"}
+    assert op["operator"] == "head_mlp_orthogonal" and op["select"] == {"rule": "auto"}
     assert op["target"] == DEFAULT_SUPPRESS_TARGET
     red = next(e for e in plan["predicted"] if e["concept"] == "red")
     # the planner aims at the target corrected by red's prior (docs/edits.md), and says so in a note
@@ -118,7 +118,7 @@ def test_default_command_is_target_driven_and_previews_its_effect(setup):
     code, out = _run(["edit", "apply", *model_args, *dict_args, "--concept", "red", "--out", str(out_path)])
     assert code == 0, out
     code, out = _run(["edit", "show", str(out_path)])
-    assert "head_mlp_project" in out and "write map(s)" in out and "MLP output(s)" in out
+    assert "head_mlp_orthogonal" in out and "write map(s)" in out and "MLP output(s)" in out
     assert "predicted presence" in out
     restored = tmp / "restored-default.safetensors"
     code, out = _run(["edit", "revert", str(out_path), *model_args, "--out", str(restored)])

@@ -86,9 +86,10 @@ def _mlp_maps(plan) -> dict[int, torch.Tensor]:
 def test_operator_registry_and_unknown_names():
     from sith.cli.edits import OPERATOR_CHOICES
 
-    assert set(OPERATORS) == {"sith_scale", "head_project", "head_mlp_project", "head_ablation", "output_projection"}
+    assert set(OPERATORS) == {"sith_scale", "head_project", "head_mlp_project", "head_mlp_orthogonal", "head_ablation",
+                              "output_projection"}
     assert OPERATOR_CHOICES == ("auto", *OPERATORS)  # the CLI's list (kept torch-free) names every operator
-    assert resolve_operator("auto") == resolve_operator(None) == "head_mlp_project"
+    assert resolve_operator("auto") == resolve_operator(None) == "head_mlp_orthogonal"
     with pytest.raises(InvalidInput) as err:
         EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "operator": "head_projct"}]})
     assert err.value.field == "operations[0].operator" and "head_project" in err.value.suggestions
@@ -278,7 +279,7 @@ def test_default_plan_reaches_its_target_and_reports_every_preserved_concept(sta
     loaded, dictionary, decomposition, _, _ = stack
     plan = _plan(stack, Operation(["red"]))
     op = plan.spec.operations[0]
-    assert op.operator == "head_mlp_project" and op.select.rule == "auto"
+    assert op.operator == "head_mlp_orthogonal" and op.select.rule == "auto"
     assert op.target == pytest.approx(DEFAULT_SUPPRESS_TARGET)
     roles = {e.concept: e.role for e in plan.predicted}
     assert roles["red"] == "target"
@@ -377,6 +378,50 @@ def test_head_mlp_project_writes_back_exactly_composes_and_reverts(stack, tmp_pa
     assert err.value.field == "operations[0].operator"
 
 
+def test_head_mlp_orthogonal_solves_alpha_on_the_presence_writes_back_exactly_and_reverts(stack):
+    loaded, dictionary, decomposition, joint, _ = stack
+    plan = _plan(stack, Operation(["red"], target=0.5, operator="head_mlp_orthogonal"))
+    assert {a.operator for a in plan.affected} == {"head_mlp_orthogonal"}
+    (u, v), = plan.multipliers.pairs  # one symmetric pair: T = I − (1 − α) v̂ v̂ᵀ
+    assert torch.allclose(u, v) and float(u.norm()) == pytest.approx(1.0)
+    alpha = plan.affected[0].alpha
+    assert 0.0 < alpha < 1.0 and {a.alpha for a in plan.affected} == {alpha}
+    red = next(e for e in plan.predicted if e.concept == "red")
+    geometry = Geometry(joint, dictionary, decomposition, *tower_writers(loaded))
+    prior = geometry.prior_score("red", preserved_concepts(plan.spec, 0, dictionary))
+    aimed = max(0.0, 0.5 - plan_module.PRIOR_WEIGHT * prior)
+    assert red.after == pytest.approx(aimed, abs=1e-6)  # α solved on the (affine) predicted presence
+    # written back exactly: the dense reference multiplies each raw writer by T, no SVD involved
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    reference = _patched(loaded.model, _head_maps(plan), mlp_maps=_mlp_maps(plan))
+    assert (_embed(edited) - _embed(reference)).abs().max() < 1e-5
+    # a write orthogonal to v̂ passes unchanged; the write along v̂ is scaled by α
+    t = plan.multipliers.write_matrix("mlp", LAYERS[0])
+    w = torch.randn(u.numel(), dtype=torch.float64)
+    w_perp = w - (w @ u) * u
+    assert torch.allclose(w_perp @ t, w_perp, atol=1e-9) and torch.allclose(u @ t, alpha * u, atol=1e-9)
+    # manifest round trip and exact revert
+    assert Multipliers.from_manifest(plan.manifest()["multipliers"]) == plan.multipliers
+    restored = apply_multipliers(loaded.model, plan.multipliers.compose(plan.multipliers.inverse()), decomposition)
+    for p0, p1 in zip(loaded.model.parameters(), restored.parameters()):
+        assert torch.equal(p0, p1)
+
+
+def test_head_mlp_orthogonal_uses_the_one_sided_form_where_it_cannot_reach_or_does_not_apply(stack, monkeypatch):
+    monkeypatch.setattr(plan_module, "PRIOR_WEIGHT", 0.0)
+    plan = _plan(stack, Operation(["red"], target=0.0, operator="head_mlp_orthogonal"))
+    # presence 0 needs the whole write along ĝ gone; the symmetric map only reaches part of it
+    assert {a.operator for a in plan.affected} == {"head_mlp_project"}
+    assert any("symmetric map reaches presence" in n and "head_mlp_project's form" in n for n in plan.notes)
+    red = next(e for e in plan.predicted if e.concept == "red")
+    assert red.after == pytest.approx(0.0, abs=1e-6)
+    one_sided = _plan(stack, Operation(["red"], target=0.0, operator="head_mlp_project"))
+    assert plan.multipliers == one_sided.multipliers  # exactly head_mlp_project's edit
+    amplify = _plan(stack, Operation(["red"], "amplify", target=1.5, operator="head_mlp_orthogonal"))
+    assert {a.operator for a in amplify.affected} == {"head_mlp_project"}
+    assert any("is for suppressing" in n for n in amplify.notes)
+
+
 def test_heads_alone_cannot_remove_what_the_mlps_write_and_the_preview_says_so(stack):
     plan = _plan(stack, Operation(["red"], operator="head_project", target=0.0))
     red = next(e for e in plan.predicted if e.concept == "red")
@@ -450,7 +495,7 @@ def test_spec_round_trip_with_the_new_fields():
     again = EditSpec.from_json(spec.to_json())
     assert again.to_dict() == spec.to_dict()
     ops = again.to_dict()["operations"]
-    assert ops[0]["operator"] == "head_mlp_project" and ops[0]["target"] == DEFAULT_SUPPRESS_TARGET and ops[0]["select"] == {"rule": "auto"}
+    assert ops[0]["operator"] == "head_mlp_orthogonal" and ops[0]["target"] == DEFAULT_SUPPRESS_TARGET and ops[0]["select"] == {"rule": "auto"}
     assert ops[1]["preserve"] == ["sky"] and ops[1]["preserve_neighbours"] is False
     assert ops[2]["target"] == 2.0 and ops[3]["strength"] == -0.5 and ops[3]["target"] == -0.5
 

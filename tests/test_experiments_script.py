@@ -104,7 +104,7 @@ def test_frontier_quick_run_writes_tables_plot_and_the_default_point(tmp_path):
     result = json.loads((tmp_path / "frontier.json").read_text())["testbed-small"]
     entry = result["tasks"]["red"]
     assert {p["operator"] for p in entry["points"]} == set(fr.OPERATORS)
-    assert entry["default"]["operator"] == "head_mlp_project" and 0 <= entry["default"]["test"]["recall"] <= 1
+    assert entry["default"]["operator"] == "head_mlp_orthogonal" and 0 <= entry["default"]["test"]["recall"] <= 1
     # the strongest default-operator edit removes more than the weakest one (a real, monotone effect)
     hp = {p["target"]: p["test"]["recall"] for p in entry["points"] if p["operator"] == "head_mlp_project"}
     assert hp[min(hp)] <= hp[max(hp)]

@@ -14,7 +14,8 @@ from sith.engine.jointspace import DEFAULT_IMAGE_MEAN
 ACTIONS = ("suppress", "amplify", "flip", "scale")
 # Must list sith.edits.operators.OPERATORS (not imported here: the CLI starts without torch);
 # tests/test_edits_operators.py checks they agree.
-OPERATOR_CHOICES = ("auto", "head_mlp_project", "head_project", "sith_scale", "head_ablation", "output_projection")
+OPERATOR_CHOICES = ("auto", "head_mlp_orthogonal", "head_mlp_project", "head_project", "sith_scale", "head_ablation",
+                    "output_projection")
 
 
 def _spec_options(func):
@@ -24,7 +25,7 @@ def _spec_options(func):
         click.option("--concept", "concepts", multiple=True, help="Concept by name (repeatable)."),
         click.option("--action", type=click.Choice(ACTIONS), default="suppress", show_default=True),
         click.option("--operator", type=click.Choice(OPERATOR_CHOICES), default="auto", show_default=True,
-                     help="How the model is changed (docs/edits.md); auto = head_mlp_project."),
+                     help="How the model is changed (docs/edits.md); auto = head_mlp_orthogonal."),
         click.option("--target", type=float, default=None,
                      help="Goal: suppress to this predicted presence (default 0.2, corrected for the concept's prior), "
                           "amplify by this factor."),

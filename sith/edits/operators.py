@@ -20,6 +20,15 @@ through the manifest the same way. docs/edits.md says when to use which.
   through the tower adapter, bias untouched). The attention heads carry only part of a concept:
   on the testbed the MLPs hold 19–31 % of the write capacity along ĝ (data-free estimate below),
   and "blue" stays recognised at 66 % recall with every head projected, 14 % with the MLPs too.
+* ``head_mlp_orthogonal`` (beyond the paper; **the default**): the same writers as
+  head_mlp_project, with the symmetric map T = I − (1 − α) v̂ v̂ᵀ, v̂ = v/‖v‖ (v as above, λ =
+  plan.ORTHOGONAL_PRESERVE_WEIGHT): it reads and removes along the direction made orthogonal-ish
+  to the preserved concepts, so their writes are left alone and nothing is written towards them.
+  It scales ĝ only by 1 − (1 − α)(v̂·ĝ)², so α is solved on the predicted presence (affine in α).
+  Where even α = 0 cannot reach the aimed presence (a concept the tower leans to: most of its
+  writes lie along the preserved directions), that concept gets head_mlp_project's form instead,
+  and the plan notes it. Suppress with the planner's writers and α only; every other case
+  (amplify, flip, a fixed strength or an explicit selection) uses head_mlp_project's form.
 * ``head_ablation`` (baseline, TextSpan-style): α = 0 on every singular vector of chosen heads.
 * ``output_projection`` (baseline, Chuang et al. 2023): the same rank-one map in the joint space,
   applied once to the final projection (``visual.proj``; written through the tower adapter's
@@ -66,8 +75,11 @@ class OperatorInfo:
 OPERATORS: dict[str, OperatorInfo] = {
     info.name: info
     for info in (
+        OperatorInfo("head_mlp_orthogonal", "heads+mlps", "remove the concept's direction, made orthogonal to the "
+                     "preserved concepts, from what every head and MLP writes; head_mlp_project's form where that "
+                     "cannot reach the target (default)"),
         OperatorInfo("head_mlp_project", "heads+mlps", "remove (scale) the concept's pulled-back direction from "
-                     "what every head AND every MLP writes, contrastive against preserved concepts (default)"),
+                     "what every head AND every MLP writes, contrastive against preserved concepts"),
         OperatorInfo("head_project", "heads", "remove (scale) the concept's pulled-back direction from what chosen "
                      "heads write, contrastive against preserved concepts"),
         OperatorInfo("sith_scale", "vectors", "scale the singular values of chosen singular vectors (the paper)"),
@@ -76,7 +88,7 @@ OPERATORS: dict[str, OperatorInfo] = {
                      "(baseline)"),
     )
 }
-DEFAULT_OPERATOR = "head_mlp_project"
+DEFAULT_OPERATOR = "head_mlp_orthogonal"
 AUTO = "auto"
 
 
@@ -231,6 +243,16 @@ def preserving_pair(u: Tensor, keep: Tensor | None, lam: float, others: Tensor |
     m = m + torch.eye(u.numel(), dtype=torch.float64)
     w = torch.linalg.solve(m, u)
     return u, w / float(u @ w)
+
+
+def orthogonal_pair(u: Tensor, keep: Tensor | None, lam: float, others: Tensor | None = None,
+                    lam_others: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(v̂, v̂): the symmetric map T = I − (1 − α) v̂ v̂ᵀ of head_mlp_orthogonal, v̂ = the unit v of
+    ``preserving_pair`` (same arguments). T leaves any write orthogonal to v̂ alone; at α = 0 it is
+    the orthogonal projection off v̂."""
+    _, v = preserving_pair(u, keep, lam, others, lam_others)
+    v = v / v.norm()
+    return v, v.clone()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from sith.edits.multipliers import Multipliers, WriteMap
-from sith.edits.operators import Geometry, predicted_presence, preserving_pair, solve_uniform_alpha, tower_writers
+from sith.edits.operators import (Geometry, orthogonal_pair, predicted_presence, preserving_pair, solve_uniform_alpha,
+                                  tower_writers)
 from sith.edits.relevance import DictionaryJudge, Judge, VectorSet, select
 from sith.edits.spec import MAX_ABS_STRENGTH, EditSpec, Operation, default_strength, top_n
 from sith.engine.decomposition import LayerSVD, resolve_layers
@@ -36,6 +37,13 @@ SYNONYM_COSINE = 0.85
 # validation seeds with the default target and prior weight (docs/edits.md, "Frontier": λ = 2 beat
 # 1 and 0.5 on the validation rule, mean and worst case over both testbed models and four tasks).
 DEFAULT_PRESERVE_WEIGHT = 2.0
+# λ of head_mlp_orthogonal's symmetric map (operators.orthogonal_pair). Chosen on validation seeds
+# (experiments/retention_variants.py, head_mlp_orthogonal rows: λ ∈ {1, 2} × target ∈ {0.2, 0.1, 0.0}):
+# λ = 2 missed red's removal on testbed-main at the default target (15.6 % recall), and the lower
+# targets kept less of everything else at either λ.
+ORTHOGONAL_PRESERVE_WEIGHT = 1.0
+# Operators that write the same rank-one map into every head and MLP (head_project: heads only).
+PROJECTIONS = ("head_mlp_orthogonal", "head_mlp_project", "head_project")
 # λ_o: the second, weaker preservation term of the same operators for every *other* dictionary
 # concept (``other_concepts``), weighted by their second-moment matrix (operators.preserving_pair),
 # so it means the same for any vocabulary size. Beyond the paper (UCE-style). Off by default: on
@@ -415,7 +423,7 @@ class _Planner:
             self._sith_scale(i, op, preserve)
         elif op.operator == "head_ablation":
             self._head_ablation(i, op, preserve)
-        elif op.operator in ("head_project", "head_mlp_project"):
+        elif op.operator in PROJECTIONS:
             self._head_project(i, op, preserve)
         else:
             self._output_projection(i, op, preserve)
@@ -440,34 +448,74 @@ class _Planner:
         return [direction(c) for c in [*preserve, *[c for c in op.concepts if c != concept]]]
 
     def _head_project(self, i: int, op: Operation, preserve: list[str]) -> None:
-        with_mlps = op.operator == "head_mlp_project"
+        with_mlps = op.operator != "head_project"
         if with_mlps and not self.geometry.mlp and not self.geometry.model_known:
-            raise InvalidInput(f"operations[{i}].operator", "head_mlp_project needs the blocks' MLP outputs, and "
+            raise InvalidInput(f"operations[{i}].operator", f"{op.operator} needs the blocks' MLP outputs, and "
                                "this plan was given no model; use head_project")
         if with_mlps and not self.geometry.mlp:
             # The default operator must work on every tower: where no block exposes an MLP output the
             # adapter can fold, the edit falls back to the heads, and says so.
             self.warnings.append(f"[no-mlp] operations[{i}]: no block of this tower exposes MLP output weights "
-                                 "the adapter can fold, so head_mlp_project edits the attention heads only, "
+                                 f"the adapter can fold, so {op.operator} edits the attention heads only, "
                                  "as head_project does")
             with_mlps = False
         candidates = self._heads(i, mlps=with_mlps)
         others = self._other_directions(i, preserve, joint_space=False)
         for concept in op.concepts:
             u = self.geometry.residual_direction(concept)
-            pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=False), others)
+            keep = self._keep_directions(op, concept, preserve, joint_space=False)
             share = self.geometry.head_share(u)
             ranked = sorted(candidates, key=lambda lh: (-share[lh], lh))
             ranked = [lh for lh in ranked if share[lh] > 0]
             target = self.target_for(i, op, concept, preserve) if op.target is not None else None
+            if op.operator == "head_mlp_orthogonal" and self._orthogonal(i, op, concept, u, keep, others, ranked,
+                                                                         share, target):
+                continue
+            pair = self._pair(u, keep, others)
             chosen, alpha = self._writers_and_alpha(i, op, ranked, share, target)
             if not chosen:
                 continue
-            for layer, head in chosen:
-                self.maps.append(WriteMap("head" if head >= 0 else "mlp", layer, head, pair, alpha))
-                self.affected[("h", layer, head, len(self.maps))] = AffectedVector(
-                    layer, head, -1, share[(layer, head)], alpha, share[(layer, head)], i, [(concept, 1.0)],
-                    op.operator)
+            form = "head_mlp_project" if op.operator == "head_mlp_orthogonal" else op.operator
+            self._add_maps(i, form, concept, chosen, pair, alpha, share)
+
+    def _add_maps(self, i: int, form: str, concept: str, writers: list[tuple[int, int]], pair: int,
+                  alpha: float, share: dict) -> None:
+        """One map per writer; ``form`` is the operator whose map it is (the preview's operator column)."""
+        for layer, head in writers:
+            self.maps.append(WriteMap("head" if head >= 0 else "mlp", layer, head, pair, alpha))
+            self.affected[("h", layer, head, len(self.maps))] = AffectedVector(
+                layer, head, -1, share[(layer, head)], alpha, share[(layer, head)], i, [(concept, 1.0)], form)
+
+    def _orthogonal(self, i: int, op: Operation, concept: str, u: Tensor, keep: list[Tensor], others: list[Tensor],
+                    ranked: list[tuple[int, int]], share: dict, target: float | None) -> bool:
+        """head_mlp_orthogonal's symmetric map on every ranked writer, α solved on the predicted
+        presence; False (nothing added, a note says why) where head_mlp_project's form must do it."""
+        if op.action != "suppress" or op.select.rule != "auto" or op.strength is not None or target is None:
+            self.notes.append(f"operations[{i}]: {concept!r}: head_mlp_orthogonal's symmetric map is for suppressing "
+                              "with the planner's writers and strength; this operation uses head_mlp_project's form")
+            return False
+        if not ranked:
+            return False  # _writers_and_alpha raises the "no head writes along" error
+        keep_matrix = torch.stack(keep, dim=1) if keep else None
+        rest = torch.stack(others, dim=1) if others else None
+        self.pairs.append(orthogonal_pair(u, keep_matrix, ORTHOGONAL_PRESERVE_WEIGHT, rest,
+                                          self.preserve_others_weight))
+        pair = len(self.pairs) - 1
+
+        def presence(alpha: float) -> float:
+            maps = [WriteMap("head" if h >= 0 else "mlp", layer, h, pair, alpha) for layer, h in ranked]
+            return self.presence([concept], extra_maps=maps)[concept]
+
+        # the presence is affine in α: a write keeps w − (1 − α)(w·v̂)v̂ of itself
+        floor, untouched = presence(0.0), presence(1.0)
+        if floor > target + 1e-9 or untouched - floor <= 1e-12:
+            self.pairs.pop()
+            self.notes.append(f"operations[{i}]: {concept!r}: the symmetric map reaches presence {floor:.3f} at "
+                              f"most (aimed {target:.3f}); this concept uses head_mlp_project's form")
+            return False
+        alpha = min((target - floor) / (untouched - floor), 1.0)
+        self._add_maps(i, op.operator, concept, ranked, pair, alpha, share)
+        return True
 
     def _writers_and_alpha(self, i: int, op: Operation, ranked: list[tuple[int, int]],
                            share: dict, aimed: float | None = None) -> tuple[list[tuple[int, int]], float]:
@@ -651,9 +699,9 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
     ``tower`` is the decomposition of every layer (predicted presence sums over the whole tower);
     it defaults to ``decomposition``. ``model`` (the CLIP or LoadedModel) adds the MLP writers and
     the prior (operators.tower_writers) to the geometry; without it only heads are known and
-    head_mlp_project is refused. ``preserve_weight`` (λ) weighs the preserved concepts,
-    ``preserve_others_weight`` (λ_o) every other concept (``other_concepts``) in the projections'
-    closed form (operators.preserving_pair); both must be finite and >= 0."""
+    head_mlp_project and head_mlp_orthogonal are refused. ``preserve_weight`` (λ) weighs the
+    preserved concepts, ``preserve_others_weight`` (λ_o) every other concept (``other_concepts``) in
+    the projections' closed form (operators.preserving_pair); both must be finite and >= 0."""
     spec.validate()
     preserve_weight = _weight("preserve_weight", preserve_weight)
     preserve_others_weight = _weight("preserve_others_weight", preserve_others_weight)
