@@ -156,8 +156,8 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
     bases = {name: splits.measure(base, "val", task) for name, task in TASKS.items()}
     library_lambda = plan_module.ORTHOGONAL_PRESERVE_WEIGHT
     mean, std, size = _preprocess_stats(loaded)
-    references = {"null images, all tokens": ((null_images(size) - mean[:, None, None]) / std[:, None, None], False),
-                  "null images, class token": ((null_images(size) - mean[:, None, None]) / std[:, None, None], True),
+    nulls = (null_images(size) - mean[:, None, None]) / std[:, None, None]
+    references = {"null images, all tokens": (nulls, False), "null images, class token": (nulls, True),
                   "validation images, all tokens (data, upper bound)": (splits.sets["val"][0].images, False),
                   "validation images, class token (data, upper bound)": (splits.sets["val"][0].images, True)}
     out: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": [n_val, n_spu], "rows": []}
