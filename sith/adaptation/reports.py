@@ -16,7 +16,6 @@ from sith.adaptation.delta import analyze_delta
 from sith.adaptation.stability import layer_stability, stability
 from sith.adaptation.universality import (
     DEFAULT_PROFILE,
-    PROFILES,
     GroundTruth,
     align_ground_truth,
     aligned_eta2,
@@ -105,10 +104,6 @@ def match_report(analyzer_a: Analyzer, analyzer_b: Analyzer, layers_a=None, laye
     matched pairs' labels (dominant concept category; ground-truth factor when ``ground_truth`` is
     given, overall and per label; layer when depths are equal) against a permutation of B's labels.
     """
-    if profile not in PROFILES:
-        from sith.engine.errors import InvalidInput
-
-        raise InvalidInput("profile", f"unknown profile {profile!r}", suggestions=list(PROFILES))
     step(0.05, "profiling heads of model A")
     pa = head_profiles(analyzer_a, layers_a, method, k, coherence, profile=profile)
     step(0.5, "profiling heads of model B")

@@ -322,6 +322,11 @@ def _weight(field: str, value) -> float:
     return out
 
 
+def _writer_map(layer: int, head: int, pair: int, alpha: float) -> WriteMap:
+    """The write map of a head (head >= 0) or of block ``layer``'s MLP (head = -1)."""
+    return WriteMap("head" if head >= 0 else "mlp", layer, head, pair, alpha)
+
+
 def _meets(action: str, presence: float, target: float) -> bool:
     return presence <= target + 1e-9 if action in ("suppress", "flip") else presence >= target - 1e-9
 
@@ -428,10 +433,14 @@ class _Planner:
         else:
             self._output_projection(i, op, preserve)
 
-    def _pair(self, u: Tensor, keep: list[Tensor], others: list[Tensor] | None = None) -> int:
+    def _pair(self, u: Tensor, keep: list[Tensor], others: list[Tensor] | None = None, form=None,
+              weight: float | None = None) -> int:
+        """Store the (u, v) pair ``form`` builds (default operators.preserving_pair; orthogonal_pair) with
+        λ = ``weight`` (default: the planner's) and λ_o; return its index."""
         stacked = torch.stack(keep, dim=1) if keep else None
         rest = torch.stack(others, dim=1) if others else None
-        self.pairs.append(preserving_pair(u, stacked, self.preserve_weight, rest, self.preserve_others_weight))
+        lam = self.preserve_weight if weight is None else weight
+        self.pairs.append((form or preserving_pair)(u, stacked, lam, rest, self.preserve_others_weight))
         return len(self.pairs) - 1
 
     def _other_directions(self, i: int, preserve: list[str], joint_space: bool) -> list[Tensor]:
@@ -482,7 +491,7 @@ class _Planner:
                   alpha: float, share: dict) -> None:
         """One map per writer; ``form`` is the operator whose map it is (the preview's operator column)."""
         for layer, head in writers:
-            self.maps.append(WriteMap("head" if head >= 0 else "mlp", layer, head, pair, alpha))
+            self.maps.append(_writer_map(layer, head, pair, alpha))
             self.affected[("h", layer, head, len(self.maps))] = AffectedVector(
                 layer, head, -1, share[(layer, head)], alpha, share[(layer, head)], i, [(concept, 1.0)], form)
 
@@ -496,14 +505,10 @@ class _Planner:
             return False
         if not ranked:
             return False  # _writers_and_alpha raises the "no head writes along" error
-        keep_matrix = torch.stack(keep, dim=1) if keep else None
-        rest = torch.stack(others, dim=1) if others else None
-        self.pairs.append(orthogonal_pair(u, keep_matrix, ORTHOGONAL_PRESERVE_WEIGHT, rest,
-                                          self.preserve_others_weight))
-        pair = len(self.pairs) - 1
+        pair = self._pair(u, keep, others, orthogonal_pair, ORTHOGONAL_PRESERVE_WEIGHT)
 
         def presence(alpha: float) -> float:
-            maps = [WriteMap("head" if h >= 0 else "mlp", layer, h, pair, alpha) for layer, h in ranked]
+            maps = [_writer_map(layer, h, pair, alpha) for layer, h in ranked]
             return self.presence([concept], extra_maps=maps)[concept]
 
         # the presence is affine in α: a write keeps w − (1 − α)(w·v̂)v̂ of itself
