@@ -80,10 +80,15 @@ class Splits:
     """Validation and fresh-test images of one model, and the metrics on them."""
 
     def __init__(self, loaded, n_val: int, n_test: int, n_val_spu: int, n_test_spu: int) -> None:
+        self._setup(loaded, {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val")),
+                             "test": (natural_set(n_test, "fresh"), spurious_set(n_test_spu, "fresh"))})
+
+    def _setup(self, loaded, sets: dict) -> None:
+        """Zero-shot heads of the base model, the splits' image sets, and the base model whose
+        embeddings ``fidelity`` compares with (encoded once per split, on first use)."""
         self.zs = ZeroShot(loaded.model, loaded.tokenizer)
         self.base_model = loaded.model
-        self.sets = {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val")),
-                     "test": (natural_set(n_test, "fresh"), spurious_set(n_test_spu, "fresh"))}
+        self.sets = sets
         self._reference: dict[str, torch.Tensor] = {}
 
     def embed(self, model, split: str, which: int) -> torch.Tensor:

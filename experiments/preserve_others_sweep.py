@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import TASKS, Splits, choice_key, spec_for, summarise  # noqa: E402
-from tasks import ZeroShot, natural_set, spurious_set  # noqa: E402
+from tasks import natural_set, spurious_set  # noqa: E402
 
 from sith.edits.apply import apply_multipliers  # noqa: E402
 from sith.edits import plan as plan_module  # noqa: E402
@@ -53,10 +53,7 @@ class ValidationSplits(Splits):
     """The frontier's validation split only (the fresh test seeds are not even generated)."""
 
     def __init__(self, loaded, n_val: int, n_val_spu: int) -> None:
-        self.zs = ZeroShot(loaded.model, loaded.tokenizer)
-        self.base_model = loaded.model
-        self.sets = {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val"))}
-        self._reference: dict = {}
+        self._setup(loaded, {"val": (natural_set(n_val, "val"), spurious_set(n_val_spu, "val"))})
 
 
 def validation_setup(folder: str, n_val: int, n_spu: int) -> tuple:
@@ -66,6 +63,14 @@ def validation_setup(folder: str, n_val: int, n_spu: int) -> tuple:
     loaded = load_model(config=folder)
     analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
     return loaded, analyzer, ValidationSplits(loaded, n_val, n_spu)
+
+
+def store(path: Path, result: dict) -> None:
+    """Merge one model's ``result`` into the JSON at ``path`` (keyed by model name), re-read just
+    before writing: one process per model may run side by side (experiments/regenerate.py)."""
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stored[result["model"]] = result
+    path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
 
 
 def with_layers(spec: EditSpec, layers: list[int] | None) -> EditSpec:

@@ -27,7 +27,6 @@ Writes experiments/retention_diagnostics.json (merged per model) and prints what
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import ONE_SIDED, validation_setup  # noqa: E402
+from preserve_others_sweep import ONE_SIDED, store, validation_setup  # noqa: E402
 from tasks import FACTORS  # noqa: E402
 
 from sith.edits import plan as plan_module  # noqa: E402
@@ -155,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     path = Path(args.out)
     for folder in args.model or ["sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small"]:
-        result = run(folder, args.n_val, args.n_val_spurious)
-        # re-read just before writing: one process per model may run side by side
-        stored = json.loads(path.read_text()) if path.is_file() else {}
-        stored[result["model"]] = result
-        path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
+        store(path, run(folder, args.n_val, args.n_val_spurious))
     return 0
 
 

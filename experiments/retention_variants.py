@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import ONE_SIDED, validation_setup  # noqa: E402
+from preserve_others_sweep import ONE_SIDED, store, validation_setup  # noqa: E402
 
 from sith.edits import plan as plan_module  # noqa: E402
 from sith.edits.apply import apply_multipliers  # noqa: E402
@@ -267,17 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     path = Path(args.out)
-    stored = json.loads(path.read_text()) if path.is_file() else {}
-    if args.summary:
-        print(summary(stored))
-        return 0
-    for folder in args.model or ["sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small"]:
-        result = run(folder, args.n_val, args.n_val_spurious)
-        # re-read just before writing: one process per model may run side by side
-        stored = json.loads(path.read_text()) if path.is_file() else {}
-        stored[result["model"]] = result
-        path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
-    print(summary(stored))
+    if not args.summary:
+        for folder in args.model or ["sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small"]:
+            store(path, run(folder, args.n_val, args.n_val_spurious))
+    print(summary(json.loads(path.read_text()) if path.is_file() else {}))
     return 0
 
 
