@@ -11,8 +11,8 @@ validation and cost the other factors more; head_mlp_orthogonal with the library
 applied and measured on
 
 * the **validation** split (world seeds HELDOUT+20/+30): used to choose each operator's point and
-  to check the library defaults, and
-* the **fresh test** split (seeds HELDOUT+40/+50, never looked at while choosing): every number
+  the library's default target (``default_target_choice``), and
+* the **fresh test** split (seeds HELDOUT+60/+70, never looked at while choosing): every number
   reported in the tables and plots.
 
 Also measured: where the default command (``EditSpec`` defaults: operator auto, target default)
@@ -63,8 +63,9 @@ TASKS = {
 OPERATORS = ("head_mlp_orthogonal", "head_mlp_project", "head_project", "sith_scale", "head_ablation",
              "output_projection")
 # Target presences swept per operator (the two MLP projections get the finer grid: one is the default), and
-# the preservation weights λ of the projections. Sized for a shared 2-core CPU.
-TARGETS = {"head_mlp_orthogonal": (0.5, 0.35, 0.25, 0.15, 0.05),
+# the preservation weights λ of the projections. Sized for a shared 2-core CPU. The default operator's
+# grid is the finest: it is also the grid the library's default target is chosen from.
+TARGETS = {"head_mlp_orthogonal": (0.5, 0.35, 0.25, 0.2, 0.175, 0.15, 0.125, 0.1, 0.05),
            "head_mlp_project": (0.5, 0.35, 0.25, 0.15, 0.05), "head_project": (0.5, 0.35, 0.25, 0.1),
            "sith_scale": (0.5, 0.3, 0.1), "head_ablation": (0.5, 0.3, 0.1), "output_projection": (0.5, 0.3, 0.1)}
 LAMBDAS = {"head_mlp_project": (1.0,), "head_project": (1.0,), "output_projection": (0.0,)}
@@ -74,6 +75,9 @@ SAME_FACTOR_KEEP = 0.95
 OTHER_FACTOR_KEEP = 0.97
 WORST_GAIN = 0.20
 DEBIAS_KEEP = 0.95
+# The default target must meet removal with 95 % one-sided confidence on validation (Wilson bound).
+DEFAULT_OPERATOR = "head_mlp_orthogonal"
+CONFIDENCE_Z = 1.645
 
 
 class Splits:
@@ -101,6 +105,22 @@ class Splits:
             self._reference[split] = self.embed(self.base_model.eval(), split, 0)
         return float(torch.nn.functional.cosine_similarity(feats, self._reference[split], dim=-1).mean())
 
+    def kept_intervals(self, feats: torch.Tensor, split: str, task: dict) -> dict[str, list[float]]:
+        """``paired_interval`` of every other factor's kept share (and, for a removal, the rest of the
+        edited factor's, as "rest") on the natural images ``feats`` embeds, against the base model."""
+        natural = self.sets[split][0]
+        self.fidelity(feats, split)  # encodes the base embeddings once
+        base = self._reference[split]
+        factor = task["factor"]
+        out = {f: paired_interval(self.zs.correct(base, natural, f)[natural.labels[f] >= 0],
+                                  self.zs.correct(feats, natural, f)[natural.labels[f] >= 0])
+               for f in FACTOR_NAMES if f != factor}
+        if task["kind"] == "remove":
+            rest = natural.labels[factor] != FACTORS[factor].index(task["concepts"][0])
+            out["rest"] = paired_interval(self.zs.correct(base, natural, factor)[rest],
+                                          self.zs.correct(feats, natural, factor)[rest])
+        return out
+
     def measure(self, model, split: str, task: dict, keep: dict | None = None) -> dict:
         """Metrics of one split; ``keep`` receives the embeddings the probe needs (no re-encoding)."""
         natural, spurious = self.sets[split]
@@ -109,6 +129,7 @@ class Splits:
         if task["kind"] == "remove":
             factor, value = task["factor"], task["concepts"][0]
             out["recall"] = self.zs.class_recall(feats, natural, factor, value)
+            out["n"] = int((natural.labels[factor] == FACTORS[factor].index(value)).sum())
             out["rest"] = self.zs.rest_accuracy(feats, natural, factor, value)
             probe_feats = feats
         else:
@@ -117,6 +138,17 @@ class Splits:
         if keep is not None:
             keep[split] = probe_feats
         return out
+
+
+def paired_interval(base: torch.Tensor, edited: torch.Tensor, draws: int = 2000, level: float = 0.95) -> list[float]:
+    """Percentile interval of the kept share mean(edited) / mean(base) over paired bootstrap resamples
+    of the images (each resample scores the same images under both models): how far a kept share
+    measured on this many images can be trusted."""
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(base.numel(), (draws, base.numel()), generator=g)
+    ratio = edited.double()[index].mean(1) / base.double()[index].mean(1).clamp_min(1e-12)
+    bounds = torch.quantile(ratio, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [float(b) for b in bounds]
 
 
 def summarise(m: dict, base: dict, task: dict) -> dict:
@@ -128,6 +160,8 @@ def summarise(m: dict, base: dict, task: dict) -> dict:
         out["fidelity"] = m["fidelity"]
     if task["kind"] == "remove":
         out["recall"] = m["recall"]
+        if "n" in m:
+            out["recall_upper"] = recall_upper(m["recall"], m["n"])
         out["rest_keep"] = m["rest"] / base["rest"] if base["rest"] else 0.0
         out["met"] = (m["recall"] <= RECALL_TARGET and out["rest_keep"] >= SAME_FACTOR_KEEP
                       and out["other_min"] >= OTHER_FACTOR_KEEP)
@@ -139,14 +173,91 @@ def summarise(m: dict, base: dict, task: dict) -> dict:
     return out
 
 
-def choice_key(s: dict, task: dict) -> tuple:
-    """Validation rule: reach the effect target, then keep the most of everything else."""
+def recall_upper(recall: float, n: int, z: float = CONFIDENCE_Z) -> float:
+    """One-sided Wilson upper bound of a recall measured on ``n`` images: a removal counts as met on
+    validation only when this bound is ≤ the target, so that a split's luck does not pick the default."""
+    if n <= 0:
+        return 1.0
+    centre = recall + z * z / (2 * n)
+    spread = z * (recall * (1 - recall) / n + z * z / (4 * n * n)) ** 0.5
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def retention_key(s: dict, task: dict) -> float:
+    """How much of everything else an edit keeps, as a multiple of the issue's retention targets (≥ 1: met)."""
     if task["kind"] == "remove":
-        feasible = s["recall"] <= RECALL_TARGET
-        keep = min(s["rest_keep"] / SAME_FACTOR_KEEP, s["other_min"] / OTHER_FACTOR_KEEP)
-        return (feasible, keep if feasible else -s["recall"])
-    feasible = s["worst_gain"] >= WORST_GAIN and s["mean_gain"] >= -1e-9
-    return (feasible, s["other_min"] if feasible else s["worst_gain"])
+        return min(s["rest_keep"] / SAME_FACTOR_KEEP, s["other_min"] / OTHER_FACTOR_KEEP)
+    return s["other_min"] / DEBIAS_KEEP
+
+
+def effect_met(s: dict, task: dict, confident: bool = True) -> bool:
+    """The edit's effect target on validation; ``confident``: a removal by its Wilson bound (where the image
+    count is known) rather than its measured recall."""
+    if task["kind"] == "remove":
+        recall = s.get("recall_upper", s["recall"]) if confident else s["recall"]
+        return recall <= RECALL_TARGET
+    return s["worst_gain"] >= WORST_GAIN and s["mean_gain"] >= -1e-9
+
+
+def default_target_choice(raw: dict) -> dict:
+    """The validation rule for the library's default suppress target (spec.DEFAULT_SUPPRESS_TARGET), over
+    every model and task of the sweep: the target of the default operator that meets the most effect
+    targets (``effect_met``), and among those the one that keeps the most (mean ``retention_key``)."""
+    rows = []
+    for target in TARGETS[DEFAULT_OPERATOR]:
+        cells = {}
+        for result in raw.values():
+            for name, entry in result["tasks"].items():
+                point = next((p for p in entry["points"]
+                              if p["operator"] == DEFAULT_OPERATOR and p["target"] == target), None)
+                if point is not None:
+                    v = point["val"]
+                    cells[f"{result['model']} {name}"] = {"met": effect_met(v, entry["task"]),
+                                                          "keep": retention_key(v, entry["task"])}
+        if cells:
+            rows.append({"target": target, "met": sum(c["met"] for c in cells.values()),
+                         "keep": sum(c["keep"] for c in cells.values()) / len(cells), "cells": cells})
+    if not rows:
+        return {"rows": [], "chosen": None}
+    most = max(r["met"] for r in rows)
+    chosen = max((r for r in rows if r["met"] == most), key=lambda r: (r["keep"], r["target"]))
+    return {"rows": rows, "chosen": chosen["target"]}
+
+
+def render_target_choice(raw: dict) -> str:
+    choice = default_target_choice(raw)
+    if not choice["rows"]:
+        return ""
+    names = list(choice["rows"][0]["cells"])
+    lines = ["# The default target, chosen on validation", "",
+             f"Rule (`default_target_choice`): among {DEFAULT_OPERATOR}'s targets, the one that meets the most "
+             f"effect targets on validation (a removal counts only when the one-sided 95 % Wilson bound of its "
+             f"recall is ≤ {pct(RECALL_TARGET)} %; the debias needs +{pct(WORST_GAIN)} worst-group points and a mean "
+             "not lower), then keeps the most (mean over cells of the retention key: min(rest kept / 0.95, other "
+             "factors kept / 0.97), debias other factors kept / 0.95). Cells: ✓ effect met, then the key.", "",
+             "| target | effect met | mean key | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for r in choice["rows"]:
+        mark = " **(chosen)**" if r["target"] == choice["chosen"] else ""
+        lines.append(f"| {r['target']:g}{mark} | {r['met']}/{len(r['cells'])} | {r['keep']:.3f} | " + " | ".join(
+            f"{'✓' if r['cells'][n]['met'] else '✗'} {r['cells'][n]['keep']:.3f}" if n in r["cells"] else "–"
+            for n in names) + " |")
+    agree = "equals" if abs(choice["chosen"] - DEFAULT_SUPPRESS_TARGET) < 1e-9 else "DIFFERS FROM"
+    lines += ["", f"Chosen: **{choice['chosen']:g}**, which {agree} the library's `DEFAULT_SUPPRESS_TARGET` "
+              f"({DEFAULT_SUPPRESS_TARGET:g}).", ""]
+    return "\n".join(lines)
+
+
+def choice_key(s: dict, task: dict, confident: bool = False) -> tuple:
+    """Validation rule for one point: reach the effect target (``effect_met``), then keep the most of
+    everything else; short of the target, come closest to it. The frontier chooses ``confident``ly (its
+    validation split is sized for the Wilson bound); the validation-only studies that reuse this rule
+    (preserve_others_sweep, retention_diagnostics, retention_variants: 400 images, ~45 per colour) compare
+    their measured recall."""
+    recall = s.get("recall_upper", s.get("recall")) if confident else s.get("recall")
+    if effect_met(s, task, confident):  # the debias keeps its raw share (the studies' tables quote it)
+        return (True, retention_key(s, task) if task["kind"] == "remove" else s["other_min"])
+    return (False, -recall if task["kind"] == "remove" else s["worst_gain"])
 
 
 @torch.no_grad()
@@ -256,7 +367,7 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
             mine = [p for p in entry["points"] if p["operator"] == operator]
             if not mine:
                 continue
-            best = max(mine, key=lambda p: choice_key(p["val"], task))
+            best = max(mine, key=lambda p: choice_key(p["val"], task, confident=True))
             feats = kept_feats[(operator, best["lambda"], best["target"])]
             entry["chosen"][operator] = {**best, "probe": probe(splits, feats, task)}
         entry["default"] = default_point(analyzer, splits, task, base, geometry)
@@ -297,27 +408,40 @@ def default_point(analyzer, splits: Splits, task: dict, base: dict, geometry: Ge
     for s in ("val", "test"):
         point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
     point["probe"] = probe(splits, feats, task)
+    natural = feats["test"] if task["kind"] == "remove" else splits.embed(model, "test", 0)
+    point["test_intervals"] = splits.kept_intervals(natural, "test", task)
     return point
 
 
-def refresh_defaults(raw: dict, folders: list[str]) -> None:
-    """Re-measure only the default command's point (after a default changed), keeping the sweep."""
-    for folder in folders:
-        loaded = load_model(config=folder)
-        result = raw.get(loaded.name)
-        if result is None or result.get("hash") != loaded.hash:
-            print(f"skip {loaded.name}: no frontier for this checkpoint in frontier.json (run the sweep first)")
-            continue
-        analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
-        splits = Splits(loaded, *result["sizes"])
-        result["prior_weight"] = plan_module.PRIOR_WEIGHT
-        result["preserve_weight"] = plan_module.DEFAULT_PRESERVE_WEIGHT
-        result["orthogonal_weight"] = plan_module.ORTHOGONAL_PRESERVE_WEIGHT
-        for name, entry in result["tasks"].items():
-            base = {s: entry["base"][s]["raw"] for s in ("val", "test")}
-            entry["default"] = default_point(analyzer, splits, entry["task"], base)
-            print(f"{loaded.name} {name}: default {json.dumps(entry['default']['test'])}", flush=True)
-        summarise_result(result)  # the calibration counts the default point too
+def refresh_defaults(stored: dict, folder: str) -> dict | None:
+    """Re-measure only the default command's point of one model (after a default changed), keeping its
+    stored sweep; None when ``stored`` (frontier.json) holds no sweep of this checkpoint."""
+    loaded = load_model(config=folder)
+    result = stored.get(loaded.name)
+    if result is None or result.get("hash") != loaded.hash:
+        print(f"skip {loaded.name}: no frontier for this checkpoint in frontier.json (run the sweep first)")
+        return None
+    analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
+    splits = Splits(loaded, *result["sizes"])
+    result["prior_weight"] = plan_module.PRIOR_WEIGHT
+    result["preserve_weight"] = plan_module.DEFAULT_PRESERVE_WEIGHT
+    result["orthogonal_weight"] = plan_module.ORTHOGONAL_PRESERVE_WEIGHT
+    for name, entry in result["tasks"].items():
+        base = {s: entry["base"][s]["raw"] for s in ("val", "test")}
+        entry["default"] = default_point(analyzer, splits, entry["task"], base)
+        print(f"{loaded.name} {name}: default {json.dumps(entry['default']['test'])}", flush=True)
+    summarise_result(result)  # the calibration counts the default point too
+    return result
+
+
+def store(raw_path: Path, result: dict, figures: Path) -> dict:
+    """Merge one model's result into frontier.json, re-read just before writing (one process per model
+    may run side by side), plot it, and return everything stored."""
+    raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else {}
+    raw[result["model"]] = result
+    raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+    plot(result, figures / f"frontier-{result['model']}.png")
+    return raw
 
 
 def rank_correlations(result: dict, key: str = "predicted") -> dict:
@@ -357,7 +481,7 @@ def summarise_result(result: dict) -> None:
 
 
 # Preview warnings that say the removal itself may fall short ([preserve] only says a neighbour moves).
-REMOVAL_WARNINGS = ("[unreachable]", "[prior]")
+REMOVAL_WARNINGS = ("[unreachable]", "[prior]", "[uncalibrated]")
 
 
 def warning_tags(warnings: list[str]) -> list[str]:
@@ -437,6 +561,11 @@ def render(result: dict) -> str:
         d = entry["default"]
         lines.append(_row(f"**default command** ({d['operator']}, target {d['target']:g}, λ={d['lambda']}; predicted "
                           f"{d['predicted']:.3f}, prior {max(d.get('prior', {0: 0}).values()):+.2f})", d, kind, d["probe"]))
+        intervals = d.get("test_intervals")
+        if intervals:
+            lines += ["", "Default, 95 % paired-bootstrap intervals of the kept shares (test images, base vs edited): "
+                      + ", ".join(f"{'rest of factor' if f == 'rest' else f} {pct(lo)}–{pct(hi)} %"
+                                  for f, (lo, hi) in intervals.items()) + "."]
         warned = d.get("warnings_text") or []
         lines += ["", "Default preview warnings: " + ("; ".join(f"`{w[:160]}`" for w in warned if not
                                                            w.startswith("[preserve]")) or "none (besides preserve notes)")
@@ -538,10 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="hf-hub style folder (repeatable; default: every shipped one)")
     parser.add_argument("--task", action="append", choices=list(TASKS), help="default: all four")
-    parser.add_argument("--n-val", type=int, default=400, help="natural validation images")
-    parser.add_argument("--n-test", type=int, default=800, help="natural fresh-test images")
-    parser.add_argument("--n-val-spurious", type=int, default=200)
-    parser.add_argument("--n-test-spurious", type=int, default=400)
+    parser.add_argument("--n-val", type=int, default=1600, help="natural validation images")
+    parser.add_argument("--n-test", type=int, default=1600, help="natural fresh-test images")
+    parser.add_argument("--n-val-spurious", type=int, default=400)
+    parser.add_argument("--n-test-spurious", type=int, default=800)
     parser.add_argument("--quick", action="store_true", help="tiny splits (smoke run)")
     parser.add_argument("--defaults-only", action="store_true", help="re-measure only the default command's "
                         "points of an existing frontier.json (after a library default changed)")
@@ -566,22 +695,17 @@ def main(argv: list[str] | None = None) -> int:
             plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
         raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
         folders = []
-    if args.defaults_only:
-        raw = json.loads(raw_path.read_text(encoding="utf-8"))
-        refresh_defaults(raw, folders)
-        raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
-        for result in raw.values():
-            plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
-        folders = []
     for folder in folders:
-        result = run_model(folder, sizes, args.task or list(TASKS))
-        # re-read just before writing: one process per model may run side by side
-        raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else {}
-        raw[result["model"]] = result
-        raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
-        plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
+        if args.defaults_only:
+            result = refresh_defaults(json.loads(raw_path.read_text(encoding="utf-8")), folder)
+        else:
+            result = run_model(folder, sizes, args.task or list(TASKS))
+        if result is not None:
+            raw = store(raw_path, result, Path(args.figures))
+    if not raw and raw_path.is_file():  # every model skipped: render what is stored
+        raw = json.loads(raw_path.read_text(encoding="utf-8"))
     order = sorted(raw, key=lambda name: (name != "testbed-main", name))
-    out.write_text("\n\n".join(render(raw[name]) for name in order), encoding="utf-8")
+    out.write_text("\n\n".join([render_target_choice(raw), *(render(raw[name]) for name in order)]), encoding="utf-8")
     return 0
 
 

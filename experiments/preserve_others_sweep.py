@@ -45,8 +45,9 @@ from sith.testbed.vocabulary import testbed_vocabulary  # noqa: E402
 HERE = Path(__file__).resolve().parent
 # The form this sweep (and retention_diagnostics/retention_variants) studies: head_mlp_project, the
 # default operator when they were run; pinned so that they regenerate the same tables now that the
-# default is head_mlp_orthogonal (docs/edits.md).
+# default is head_mlp_orthogonal (docs/edits.md), with their target.
 ONE_SIDED = "head_mlp_project"
+ONE_SIDED_TARGET = 0.2  # the default suppress target of the time ("default" in the tables)
 
 
 class ValidationSplits(Splits):
@@ -63,6 +64,22 @@ def validation_setup(folder: str, n_val: int, n_spu: int) -> tuple:
     loaded = load_model(config=folder)
     analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
     return loaded, analyzer, ValidationSplits(loaded, n_val, n_spu)
+
+
+DEFAULT_MODELS = ("sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small")
+
+
+def validation_parser(doc: str | None, out_name: str, summary: bool = True) -> argparse.ArgumentParser:
+    """The options every validation-only study shares: models, validation sizes, the JSON it writes
+    (and ``--summary``, where the study prints a table of it)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[], help="hf-hub style folder (repeatable)")
+    parser.add_argument("--n-val", type=int, default=400)
+    parser.add_argument("--n-val-spurious", type=int, default=200)
+    parser.add_argument("--out", default=str(HERE / out_name))
+    if summary:
+        parser.add_argument("--summary", action="store_true", help="print the table of the stored JSON and exit")
+    return parser
 
 
 def store(path: Path, result: dict) -> None:
@@ -124,7 +141,8 @@ def run(folder: str, grid: list[float], last: list[int | None], tasks: list[str]
                          "tasks": {}}
             for name in tasks:
                 task = TASKS[name]
-                spec = with_layers(spec_for(loaded, task, ONE_SIDED, target), layers)
+                spec = with_layers(spec_for(loaded, task, ONE_SIDED, ONE_SIDED_TARGET if target is None else target),
+                                   layers)
                 plan = plan_edit(analyzer, spec, preserve_weight=lam, preserve_others_weight=lam_o)
                 model = apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval()
                 s = summarise(splits.measure(model, "val", task), bases[name], task)
@@ -192,8 +210,7 @@ def render(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", default=[])
+    parser = validation_parser(__doc__, "preserve_others_sweep.json")
     parser.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.5, 2.0, 8.0])
     parser.add_argument("--last", type=int, nargs="*", default=None,
                         help="also restrict the edit to the last k layers (0 = every layer)")
@@ -202,12 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rule", nargs="+", choices=list(RULES), default=["library"],
                         help="which concepts the λ_o term protects (library rule or a variant)")
     parser.add_argument("--target", type=float, nargs="+", default=None,
-                        help="suppress targets (default: the EditSpec default)")
+                        help=f"suppress targets (default: ONE_SIDED_TARGET, {ONE_SIDED_TARGET:g})")
     parser.add_argument("--task", action="append", choices=list(TASKS))
-    parser.add_argument("--n-val", type=int, default=400)
-    parser.add_argument("--n-val-spurious", type=int, default=200)
-    parser.add_argument("--out", default=str(HERE / "preserve_others_sweep.json"))
-    parser.add_argument("--summary", action="store_true", help="print the table of an existing --out JSON")
     return parser
 
 

@@ -26,7 +26,6 @@ Writes experiments/retention_diagnostics.json (merged per model) and prints what
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import ONE_SIDED, store, validation_setup  # noqa: E402
+from preserve_others_sweep import (DEFAULT_MODELS, ONE_SIDED, ONE_SIDED_TARGET, store,  # noqa: E402
+                                   validation_parser, validation_setup)
 from tasks import FACTORS  # noqa: E402
 
 from sith.edits import plan as plan_module  # noqa: E402
@@ -60,9 +60,9 @@ def non_factor_words() -> list[str]:
 
 def _edited(loaded, analyzer, concepts: list[str], preserve_weight: float = plan_module.DEFAULT_PRESERVE_WEIGHT,
             **op) -> tuple[torch.nn.Module, int]:
-    """The model after suppressing ``concepts`` (default target 0.2; ``op`` overrides fields), and its writer count."""
+    """The model after suppressing ``concepts`` (``ONE_SIDED_TARGET``; ``op`` overrides fields), and its writer count."""
     spec = EditSpec.from_dict({"model": loaded.name,
-                               "operations": [{"concepts": concepts, "action": "suppress", "target": 0.2,
+                               "operations": [{"concepts": concepts, "action": "suppress", "target": ONE_SIDED_TARGET,
                                                "operator": ONE_SIDED, **op}]})
     plan = plan_edit(analyzer, spec, preserve_weight=preserve_weight)
     return apply_multipliers(loaded.model, plan.multipliers, plan.decomposition).eval(), len(plan.affected)
@@ -145,15 +145,11 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", default=[])
-    parser.add_argument("--n-val", type=int, default=400)
-    parser.add_argument("--n-val-spurious", type=int, default=200)
-    parser.add_argument("--out", default=str(HERE / "retention_diagnostics.json"))
+    parser = validation_parser(__doc__, "retention_diagnostics.json", summary=False)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     path = Path(args.out)
-    for folder in args.model or ["sith/testbed/checkpoints/testbed-main", "sith/testbed/checkpoints/testbed-small"]:
+    for folder in args.model or DEFAULT_MODELS:
         store(path, run(folder, args.n_val, args.n_val_spurious))
     return 0
 

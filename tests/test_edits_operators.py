@@ -83,12 +83,21 @@ def _mlp_maps(plan) -> dict[int, torch.Tensor]:
             for site, layer, _ in plan.multipliers.mapped_writers() if site == "mlp"}
 
 
+def edit_options_params() -> list:
+    """The click parameters of ``sith edit preview`` (the CLI's edit options)."""
+    from sith.cli import main
+
+    return main.commands["edit"].commands["preview"].params
+
+
 def test_operator_registry_and_unknown_names():
     from sith.cli.edits import OPERATOR_CHOICES
 
     assert set(OPERATORS) == {"sith_scale", "head_project", "head_mlp_project", "head_mlp_orthogonal", "head_ablation",
                               "output_projection"}
     assert OPERATOR_CHOICES == ("auto", *OPERATORS)  # the CLI's list (kept torch-free) names every operator
+    target_help = next(p.help for p in edit_options_params() if p.name == "target")
+    assert f"default {DEFAULT_SUPPRESS_TARGET:g}," in target_help  # ... and its help the default target
     assert resolve_operator("auto") == resolve_operator(None) == "head_mlp_orthogonal"
     with pytest.raises(InvalidInput) as err:
         EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "operator": "head_projct"}]})
@@ -213,6 +222,8 @@ def test_output_projection_rewrites_only_proj(stack):
     assert changed == ["visual.proj"]
     target = next(e for e in plan.predicted if e.role == "target")
     assert target.after == pytest.approx(0.2, abs=1e-9)
+    # its presence is a text-direction share, not a recognition estimate: the preview says so
+    assert any(w.startswith("[uncalibrated] operations[0]") for w in plan.warnings)
 
 
 def test_head_ablation_zeroes_whole_heads(stack):

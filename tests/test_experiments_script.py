@@ -78,6 +78,53 @@ def test_frontier_targets_and_choice_rule_follow_the_issue():
     assert not fr.summarise({**base, "worst": 0.85, "mean": 0.7}, base, debias)["met"]
 
 
+def test_removal_counts_on_validation_only_with_confidence():
+    fr = _frontier()
+    # the Wilson bound: 6 of 45 recognised (13.3 %) is not confidently under 15 %; 18 of 180 (10 %) is
+    assert fr.recall_upper(6 / 45, 45) > fr.RECALL_TARGET > fr.recall_upper(18 / 180, 180)
+    assert fr.recall_upper(0.0, 180) < 0.02 and fr.recall_upper(0.5, 0) == 1.0
+    task = fr.TASKS["red"]
+    base = {"factors": {f: 0.8 for f in fr.FACTOR_NAMES}, "recall": 0.98, "rest": 0.9, "n": 45}
+    lucky = fr.summarise({**base, "recall": 6 / 45}, base, task)
+    assert lucky["recall"] == pytest.approx(6 / 45) and lucky["recall_upper"] > fr.RECALL_TARGET
+    assert not fr.effect_met(lucky, task) and fr.effect_met({**lucky, "recall_upper": 0.12}, task)
+
+
+def test_paired_interval_brackets_the_kept_share():
+    import torch
+
+    fr = _frontier()
+    base = torch.rand(2000, generator=torch.Generator().manual_seed(1)) < 0.3
+    assert fr.paired_interval(base, base) == pytest.approx([1.0, 1.0])  # same images, same answers
+    lost = base.clone()
+    lost[torch.nonzero(base)[:60, 0]] = False  # 60 of ~600 right answers lost: kept share ~0.9
+    lo, hi = fr.paired_interval(base, lost)
+    assert lo < float(lost.float().mean() / base.float().mean()) < hi < 1.0
+
+
+def test_default_target_choice_meets_most_effects_then_keeps_most():
+    fr = _frontier()
+    remove, debias = fr.TASKS["red"], fr.TASKS["water/land"]
+
+    def point(target, val):
+        return {"operator": fr.DEFAULT_OPERATOR, "target": target, "val": val}
+
+    def removal(upper, rest):
+        return {"recall": upper, "recall_upper": upper, "rest_keep": rest, "other_min": 0.97}
+
+    raw = {"m": {"model": "m", "tasks": {
+        "red": {"task": remove, "points": [point(0.2, removal(0.18, 0.97)), point(0.15, removal(0.1, 0.93)),
+                                           point(0.1, removal(0.0, 0.9))]},
+        "water/land": {"task": debias, "points": [
+            point(t, {"worst_gain": 0.25, "mean_gain": 0.01, "other_min": keep})
+            for t, keep in ((0.2, 0.96), (0.15, 0.95), (0.1, 0.94))]}}}}
+    choice = fr.default_target_choice(raw)
+    # 0.2 keeps the most but leaves red recognised; of the two that remove it, 0.15 keeps more
+    assert choice["chosen"] == 0.15
+    assert [r["met"] for r in choice["rows"] if r["target"] in (0.2, 0.15, 0.1)] == [1, 2, 2]
+    assert "(chosen)" in fr.render_target_choice(raw)
+
+
 def test_rank_correlation_and_probe_are_real_measurements():
     import torch
 

@@ -127,10 +127,9 @@ def concept_directions(analyzer: Analyzer) -> Tensor:
 
 def write_capacity(svd: LayerSVD, directions: Tensor) -> Tensor:
     """[H, N] ‖diag(σ) Vᵀ g_n‖² per head and direction: the squared norm of everything head h can
-    write along g_n (``Geometry.head_coords``, for many directions at once). Flipping the sign of a
+    write along g_n (``LayerSVD.write_coords``, as ``Geometry.head_coords``). Flipping the sign of a
     singular vector pair changes nothing, and no sparse code is involved."""
-    coords = svd.S.double()[:, :, None] * torch.einsum("hdr,nd->hrn", svd.V.double(), directions.double())
-    return (coords ** 2).sum(1)
+    return (svd.write_coords(directions) ** 2).sum(1)
 
 
 def capacity_profiles(analyzer: Analyzer, layers: int | Sequence[int] | None = None,

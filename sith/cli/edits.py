@@ -27,7 +27,7 @@ def _spec_options(func):
         click.option("--operator", type=click.Choice(OPERATOR_CHOICES), default="auto", show_default=True,
                      help="How the model is changed (docs/edits.md); auto = head_mlp_orthogonal."),
         click.option("--target", type=float, default=None,
-                     help="Goal: suppress to this predicted presence (default 0.2, corrected for the concept's prior), "
+                     help="Goal: suppress to this predicted presence (default 0.15, corrected for the concept's prior), "
                           "amplify by this factor."),
         click.option("--preserve", "preserve", multiple=True, help="Concept that must not move (repeatable)."),
         click.option("--no-preserve-neighbours", is_flag=True,

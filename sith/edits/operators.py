@@ -140,8 +140,7 @@ class Geometry:
 
     def head_coords(self, g: Tensor) -> dict[int, Tensor]:
         """{layer: [H, r]} = diag(σ) Vᵀ g per head (what each singular vector writes along g)."""
-        return {layer: svd.S.double() * torch.einsum("hdr,d->hr", svd.V.double(), g) for layer, svd in
-                self.decomposition.items()}
+        return {layer: svd.write_coords(g) for layer, svd in self.decomposition.items()}
 
     def mlp_coords(self, g: Tensor) -> dict[int, Tensor]:
         """{layer: [m]} what each (RMS-weighted) MLP hidden unit writes along g."""

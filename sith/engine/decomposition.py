@@ -38,6 +38,14 @@ class LayerSVD:
     S: Tensor  # [H, r] descending
     V: Tensor  # [H, d, r]  columns are the right singular vectors (write directions)
 
+    def write_coords(self, directions: Tensor) -> Tensor:
+        """diag(σ) Vᵀ g in float64: what each singular vector of each head writes along g. ``directions``
+        [d] gives [H, r]; [N, d] gives [H, r, N] (many directions at once)."""
+        v, s = self.V.double(), self.S.double()
+        if directions.dim() == 1:
+            return s * torch.einsum("hdr,d->hr", v, directions.double())
+        return s[:, :, None] * torch.einsum("hdr,nd->hrn", v, directions.double())
+
 
 def vo_factors(block: nn.Module, num_heads: int | None = None) -> tuple[Tensor, Tensor]:
     """Folded and centred per-head factors: W_V [H, d, dh] and W_O [H, dh, d], so W_VO^h = W_V[h] @ W_O[h].
