@@ -42,7 +42,7 @@ from tasks import FACTOR_NAMES, ZeroShot, image_features, natural_set, spurious_
 
 from sith.edits import plan as plan_module  # noqa: E402
 from sith.edits.apply import apply_multipliers  # noqa: E402
-from sith.edits.operators import Geometry, tower_writers  # noqa: E402
+from sith.edits.operators import DEFAULT_OPERATOR, Geometry, tower_writers  # noqa: E402
 from sith.edits.plan import plan_edit, preserved_concepts  # noqa: E402
 from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec  # noqa: E402
 from sith.engine.analysis import Analyzer  # noqa: E402
@@ -76,7 +76,6 @@ OTHER_FACTOR_KEEP = 0.97
 WORST_GAIN = 0.20
 DEBIAS_KEEP = 0.95
 # The default target must meet removal with 95 % one-sided confidence on validation (Wilson bound).
-DEFAULT_OPERATOR = "head_mlp_orthogonal"
 CONFIDENCE_Z = 1.645
 
 

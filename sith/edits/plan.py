@@ -616,8 +616,8 @@ class _Planner:
         alpha = float(op.target) if op.target is not None else self._strength(op)
         if op.action == "suppress":
             self.warnings.append(f"[uncalibrated] operations[{i}]: output_projection's predicted presence is the share "
-                                 f"of {op.concepts}' text direction left in the embedding, not a prediction of "
-                                 "recognition: on the testbed, predicted presence 0.1 removed a shape but left colours "
+                                 f"of the text direction of {', '.join(op.concepts)} left in the embedding, not a "
+                                 "prediction of recognition: on the testbed, predicted presence 0.1 removed a shape but left colours "
                                  "recognised (recall above 85 %; docs/edits.md, Frontier); check the effect on data")
         for concept in op.concepts:
             u = self.geometry.joint_direction(concept)
