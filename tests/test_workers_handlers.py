@@ -127,6 +127,10 @@ def test_edit_is_planned_exported_and_stored_and_reruns_are_idempotent(shared, p
     plan = typed(preview, pb.EditPlan)
     assert plan.spec == spec and len(plan.affected) == 2
     assert all(a.alpha == 0.0 and a.operator == "sith_scale" for a in plan.affected)
+    planned = plan.planned.operations[0]                                   # the request, defaults filled in
+    assert (planned.operator, planned.select.rule, planned.select.n, list(planned.layers)) == \
+        ("sith_scale", pb.Selection.TOP_N, 2, [-1])
+    assert not planned.HasField("target") and planned.preserve_neighbours
     done = typed(job, pb.Edit)
     assert done.state == pb.Edit.READY and not done.HasField("plan")       # GetEdit has the plan
     record = store.get("acme", edit_id)

@@ -15,6 +15,7 @@ import numpy as np
 
 from sith_api.v1 import adaptation_pb2 as apb
 from sith_api.v1 import sith_pb2 as pb
+from sith_workers import specs
 
 
 def model(loaded) -> pb.ModelSummary:
@@ -69,8 +70,10 @@ def decompose(loaded, convention: str, svds: Mapping[int, Any]) -> pb.DecomposeR
 # ---- edits ------------------------------------------------------------------------------------
 
 def edit_plan(plan, spec: pb.EditSpec) -> pb.EditPlan:
-    """``sith.edits.plan.EditPlan`` as the API's EditPlan; ``spec`` is the stored proto spec."""
-    out = pb.EditPlan(spec=spec, model=pb.ModelSummary(name=plan.model_name, hash=plan.model_hash),
+    """``sith.edits.plan.EditPlan`` as the API's EditPlan; ``spec`` is the stored proto spec, ``planned``
+    the library's, defaults filled in."""
+    out = pb.EditPlan(spec=spec, planned=specs.from_library(plan.spec),
+                      model=pb.ModelSummary(name=plan.model_name, hash=plan.model_hash),
                       judge=str(plan.judge), notes=[str(n) for n in plan.notes],
                       warnings=[str(w) for w in getattr(plan, "warnings", ())])
     for a in plan.affected:

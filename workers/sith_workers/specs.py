@@ -1,9 +1,10 @@
-"""sith.v1.EditSpec (the API's canonical, stored form) -> sith.edits.spec.EditSpec (the library's).
+"""sith.v1.EditSpec (the API's canonical, stored form) <-> sith.edits.spec.EditSpec (the library's).
 
 The library validates its spec (``EditSpec.from_dict``, InvalidInput naming ``operations[i]...``);
 this module only renames enums to the library's words and leaves unset fields out, so the library's
 defaults apply. The server calls it once to validate a request (then stores the proto), and the
-worker calls it again to plan: the proto is the only form that is stored or sent.
+worker calls it again to plan: the proto is the only form that is stored or sent. The way back,
+``from_library``, reports the spec as planned (defaults filled in) in an EditPlan.
 """
 
 from __future__ import annotations
@@ -67,3 +68,25 @@ def to_library(spec: pb.EditSpec, model: str) -> library.EditSpec:
 
             raise InvalidInput(f"operations[{i}].action", "set an action: SUPPRESS, AMPLIFY, FLIP or SCALE")
     return library.EditSpec.from_dict(to_dict(spec, model))
+
+
+def from_library(spec: library.EditSpec) -> pb.EditSpec:
+    """The library's (validated, defaults filled in) spec as the API's EditSpec: the inverse of
+    ``to_library`` up to the model reference, which the EditPlan's ``model`` carries."""
+    actions = {word: value for value, word in ACTIONS.items()}
+    rules = {"top_n": pb.Selection.TOP_N, "threshold": pb.Selection.THRESHOLD, "explicit": pb.Selection.EXPLICIT,
+             "auto": pb.Selection.AUTO}
+    out = pb.EditSpec(version=spec.version, conflicts=pb.EditSpec.LAST_WINS if spec.conflicts == "last_wins"
+                      else pb.EditSpec.REJECT)
+    for op in spec.operations:
+        select = pb.Selection(rule=rules[op.select.rule], n=op.select.n if op.select.rule == "top_n" else 0,
+                              threshold=op.select.threshold if op.select.rule == "threshold" else 0.0,
+                              vectors=[pb.VectorRef(layer=a, head=b, index=c) for a, b, c in op.select.vectors or []])
+        message = out.operations.add(concepts=op.concepts, action=actions[op.action], layers=op.layers or [],
+                                     select=select, operator=op.operator, preserve=op.preserve,
+                                     preserve_neighbours=op.preserve_neighbours)
+        if op.strength is not None:
+            message.strength = op.strength
+        if op.target is not None:
+            message.target = op.target
+    return out

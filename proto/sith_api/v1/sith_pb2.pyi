@@ -446,7 +446,7 @@ class ConceptEffect(_message.Message):
     def __init__(self, concept: _Optional[str] = ..., role: _Optional[str] = ..., before: _Optional[float] = ..., after: _Optional[float] = ...) -> None: ...
 
 class EditPlan(_message.Message):
-    __slots__ = ("spec", "model", "judge", "affected", "heads", "concept_alignment", "predicted", "warnings", "notes")
+    __slots__ = ("spec", "model", "judge", "affected", "heads", "concept_alignment", "predicted", "warnings", "notes", "planned")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
@@ -456,6 +456,7 @@ class EditPlan(_message.Message):
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
     spec: EditSpec
     model: ModelSummary
     judge: str
@@ -465,7 +466,8 @@ class EditPlan(_message.Message):
     predicted: _containers.RepeatedCompositeFieldContainer[ConceptEffect]
     warnings: _containers.RepeatedScalarFieldContainer[str]
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, spec: _Optional[_Union[EditSpec, _Mapping]] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., judge: _Optional[str] = ..., affected: _Optional[_Iterable[_Union[AffectedVector, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadChange, _Mapping]]] = ..., concept_alignment: _Optional[_Iterable[_Union[ConceptAlignment, _Mapping]]] = ..., predicted: _Optional[_Iterable[_Union[ConceptEffect, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    planned: EditSpec
+    def __init__(self, spec: _Optional[_Union[EditSpec, _Mapping]] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., judge: _Optional[str] = ..., affected: _Optional[_Iterable[_Union[AffectedVector, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadChange, _Mapping]]] = ..., concept_alignment: _Optional[_Iterable[_Union[ConceptAlignment, _Mapping]]] = ..., predicted: _Optional[_Iterable[_Union[ConceptEffect, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., planned: _Optional[_Union[EditSpec, _Mapping]] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("filename", "size_bytes", "sha256")
