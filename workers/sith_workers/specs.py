@@ -74,10 +74,10 @@ def from_library(spec: library.EditSpec) -> pb.EditSpec:
     """The library's (validated, defaults filled in) spec as the API's EditSpec: the inverse of
     ``to_library`` up to the model reference, which the EditPlan's ``model`` carries."""
     actions = {word: value for value, word in ACTIONS.items()}
-    rules = {"top_n": pb.Selection.TOP_N, "threshold": pb.Selection.THRESHOLD, "explicit": pb.Selection.EXPLICIT,
-             "auto": pb.Selection.AUTO}
-    out = pb.EditSpec(version=spec.version, conflicts=pb.EditSpec.LAST_WINS if spec.conflicts == "last_wins"
-                      else pb.EditSpec.REJECT)
+    # the explicit enum value of each word (the UNSPECIFIED values map to the same words)
+    rules = {word: value for value, word in RULES.items() if value != pb.Selection.RULE_UNSPECIFIED}
+    conflicts = {word: value for value, word in CONFLICTS.items() if value != pb.EditSpec.CONFLICTS_UNSPECIFIED}
+    out = pb.EditSpec(version=spec.version, conflicts=conflicts[spec.conflicts])
     for op in spec.operations:
         select = pb.Selection(rule=rules[op.select.rule], n=op.select.n if op.select.rule == "top_n" else 0,
                               threshold=op.select.threshold if op.select.rule == "threshold" else 0.0,
