@@ -329,6 +329,7 @@ def test_edit_spec_shortcuts_and_operations() -> None:
     assert not plain.operations[0].HasField("select") and not plain.operations[0].HasField("strength")
     goals = edit_spec(None, suppress="red", target=0.1, preserve=["blue"], operator="head_project")
     assert (goals.operations[0].target, list(goals.operations[0].preserve)) == (0.1, ["blue"])
+    assert edit_spec(None, flip="red", target=-0.5).operations[0].target == -0.5  # a flip aims below 0
 
 
 def test_strength_is_honoured_for_every_action() -> None:

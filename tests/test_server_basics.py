@@ -144,6 +144,12 @@ def test_invalid_edit_spec_names_the_field(srv):
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateEdit(pb.CreateEditRequest(spec=pb.EditSpec()), timeout=5)
     assert rich(err.value)[1]["BadRequest"].field_violations[0].field == "spec.operations"
+    # A negative target passes the wire bound (flip aims below 0) and the library checks the action's range.
+    spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["water"], action=pb.EditOperation.SUPPRESS, target=-0.5)])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PreviewEdit(pb.PreviewEditRequest(spec=spec), timeout=5)
+    violation = rich(err.value)[1]["BadRequest"].field_violations[0]
+    assert violation.field == "spec.operations[0].target" and "suppress" in violation.description
     # Every field outside the proto's bounds is named at once.
     spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["dog"], strength=11,
                                                     select=pb.Selection(rule=pb.Selection.TOP_N, n=100001))])
@@ -154,11 +160,14 @@ def test_invalid_edit_spec_names_the_field(srv):
 
 
 def test_n_bounds_are_the_same_in_the_proto_and_the_library():
-    from sith.edits.spec import MAX_TOP_N
+    from sith.edits.spec import MAX_ABS_STRENGTH, MAX_TOP_N
 
     from sith_api import bounds
 
     assert bounds.limits(pb.Selection, "n").max == MAX_TOP_N
+    # every action's target range fits the wire bound (a flip target is negative)
+    target = bounds.limits(pb.EditOperation, "target")
+    assert (target.min, target.max) == (-MAX_ABS_STRENGTH, MAX_ABS_STRENGTH)
 
 
 def test_unknown_operation_and_edit_are_not_found(srv):
