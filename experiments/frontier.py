@@ -97,19 +97,22 @@ class Splits:
     def embed(self, model, split: str, which: int) -> torch.Tensor:
         return image_features(model, self.sets[split][which].images)
 
+    def base_natural(self, split: str) -> torch.Tensor:
+        """The base model's embeddings of the split's natural images (encoded once, on first use)."""
+        if split not in self._reference:
+            self._reference[split] = self.embed(self.base_model.eval(), split, 0)
+        return self._reference[split]
+
     def fidelity(self, feats: torch.Tensor, split: str) -> float:
         """Mean cosine between each natural image's embedding and the base model's: what an edit does
         to the embedding itself, which the service's embedding endpoints pass on (1 = unchanged)."""
-        if split not in self._reference:
-            self._reference[split] = self.embed(self.base_model.eval(), split, 0)
-        return float(torch.nn.functional.cosine_similarity(feats, self._reference[split], dim=-1).mean())
+        return float(torch.nn.functional.cosine_similarity(feats, self.base_natural(split), dim=-1).mean())
 
     def kept_intervals(self, feats: torch.Tensor, split: str, task: dict) -> dict[str, list[float]]:
         """``paired_interval`` of every other factor's kept share (and, for a removal, the rest of the
         edited factor's, as "rest") on the natural images ``feats`` embeds, against the base model."""
         natural = self.sets[split][0]
-        self.fidelity(feats, split)  # encodes the base embeddings once
-        base = self._reference[split]
+        base = self.base_natural(split)
         factor = task["factor"]
         out = {f: paired_interval(self.zs.correct(base, natural, f)[natural.labels[f] >= 0],
                                   self.zs.correct(feats, natural, f)[natural.labels[f] >= 0])
@@ -120,8 +123,10 @@ class Splits:
                                           self.zs.correct(feats, natural, factor)[rest])
         return out
 
-    def measure(self, model, split: str, task: dict, keep: dict | None = None) -> dict:
-        """Metrics of one split; ``keep`` receives the embeddings the probe needs (no re-encoding)."""
+    def measure(self, model, split: str, task: dict, keep: dict | None = None,
+                natural_keep: dict | None = None) -> dict:
+        """Metrics of one split; ``keep`` receives the embeddings the probe needs, ``natural_keep`` those of
+        the natural images (no re-encoding)."""
         natural, spurious = self.sets[split]
         feats = self.embed(model, split, 0)
         out = {"factors": self.zs.factor_accuracy(feats, natural), "fidelity": self.fidelity(feats, split)}
@@ -136,6 +141,8 @@ class Splits:
             out.update(self.zs.groups(probe_feats, spurious))
         if keep is not None:
             keep[split] = probe_feats
+        if natural_keep is not None:
+            natural_keep[split] = feats
         return out
 
 
@@ -189,12 +196,16 @@ def retention_key(s: dict, task: dict) -> float:
     return s["other_min"] / DEBIAS_KEEP
 
 
+def _effect_recall(s: dict, confident: bool) -> float:
+    """The recall a removal is judged by: its Wilson bound (where the image count is known) when
+    ``confident``, else the measured recall."""
+    return s.get("recall_upper", s["recall"]) if confident else s["recall"]
+
+
 def effect_met(s: dict, task: dict, confident: bool = True) -> bool:
-    """The edit's effect target on validation; ``confident``: a removal by its Wilson bound (where the image
-    count is known) rather than its measured recall."""
+    """The edit's effect target on validation (a removal by ``_effect_recall``)."""
     if task["kind"] == "remove":
-        recall = s.get("recall_upper", s["recall"]) if confident else s["recall"]
-        return recall <= RECALL_TARGET
+        return _effect_recall(s, confident) <= RECALL_TARGET
     return s["worst_gain"] >= WORST_GAIN and s["mean_gain"] >= -1e-9
 
 
@@ -253,10 +264,9 @@ def choice_key(s: dict, task: dict, confident: bool = False) -> tuple:
     validation split is sized for the Wilson bound); the validation-only studies that reuse this rule
     (preserve_others_sweep, retention_diagnostics, retention_variants: 400 images, ~45 per colour) compare
     their measured recall."""
-    recall = s.get("recall_upper", s.get("recall")) if confident else s.get("recall")
     if effect_met(s, task, confident):  # the debias keeps its raw share (the studies' tables quote it)
         return (True, retention_key(s, task) if task["kind"] == "remove" else s["other_min"])
-    return (False, -recall if task["kind"] == "remove" else s["worst_gain"])
+    return (False, -_effect_recall(s, confident) if task["kind"] == "remove" else s["worst_gain"])
 
 
 @torch.no_grad()
@@ -318,6 +328,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx @ ry) / (rx.norm() * ry.norm() + 1e-12))
 
 
+def library_settings() -> dict:
+    """The library defaults a frontier result was measured with (its report's header)."""
+    return {"prior_weight": plan_module.PRIOR_WEIGHT, "preserve_weight": plan_module.DEFAULT_PRESERVE_WEIGHT,
+            "orthogonal_weight": plan_module.ORTHOGONAL_PRESERVE_WEIGHT}
+
+
 def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -> dict:
     started = time.time()
     torch.manual_seed(0)
@@ -328,8 +344,7 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
                         *tower_writers(loaded))
     base_model = loaded.model.eval()
     result: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": sizes, "tasks": {},
-                    "prior_weight": plan_module.PRIOR_WEIGHT, "preserve_weight": plan_module.DEFAULT_PRESERVE_WEIGHT,
-                    "orthogonal_weight": plan_module.ORTHOGONAL_PRESERVE_WEIGHT}
+                    **library_settings()}
     for name in tasks:
         task = TASKS[name]
         base_feats: dict = {}
@@ -404,11 +419,11 @@ def default_point(analyzer, splits: Splits, task: dict, base: dict, geometry: Ge
              "warnings": len(plan.warnings), "warning_tags": warning_tags(plan.warnings),
              "warnings_text": plan.warnings, "notes": plan.notes}
     feats: dict = {}
+    natural: dict = {}
     for s in ("val", "test"):
-        point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
+        point[s] = summarise(splits.measure(model, s, task, feats, natural), base[s], task)
     point["probe"] = probe(splits, feats, task)
-    natural = feats["test"] if task["kind"] == "remove" else splits.embed(model, "test", 0)
-    point["test_intervals"] = splits.kept_intervals(natural, "test", task)
+    point["test_intervals"] = splits.kept_intervals(natural["test"], "test", task)
     return point
 
 
@@ -422,9 +437,7 @@ def refresh_defaults(stored: dict, folder: str) -> dict | None:
         return None
     analyzer = Analyzer(loaded, build_dictionary(loaded, testbed_vocabulary()))
     splits = Splits(loaded, *result["sizes"])
-    result["prior_weight"] = plan_module.PRIOR_WEIGHT
-    result["preserve_weight"] = plan_module.DEFAULT_PRESERVE_WEIGHT
-    result["orthogonal_weight"] = plan_module.ORTHOGONAL_PRESERVE_WEIGHT
+    result.update(library_settings())
     for name, entry in result["tasks"].items():
         base = {s: entry["base"][s]["raw"] for s in ("val", "test")}
         entry["default"] = default_point(analyzer, splits, entry["task"], base)
@@ -433,14 +446,14 @@ def refresh_defaults(stored: dict, folder: str) -> dict | None:
     return result
 
 
-def store(raw_path: Path, result: dict, figures: Path) -> dict:
-    """Merge one model's result into frontier.json, re-read just before writing (one process per model
-    may run side by side), plot it, and return everything stored."""
-    raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.is_file() else {}
-    raw[result["model"]] = result
-    raw_path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
-    plot(result, figures / f"frontier-{result['model']}.png")
-    return raw
+def store(path: Path, result: dict) -> dict:
+    """Merge one model's ``result`` into the JSON at ``path`` (keyed by model name), re-read just before
+    writing: one process per model may run side by side (experiments/regenerate.py). Returns everything
+    stored. The validation studies store their results the same way."""
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stored[result["model"]] = result
+    path.write_text(json.dumps(stored, indent=1, default=str) + "\n", encoding="utf-8")
+    return stored
 
 
 def rank_correlations(result: dict, key: str = "predicted") -> dict:
@@ -700,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_model(folder, sizes, args.task or list(TASKS))
         if result is not None:
-            raw = store(raw_path, result, Path(args.figures))
+            raw = store(raw_path, result)
+            plot(result, Path(args.figures) / f"frontier-{result['model']}.png")
     if not raw and raw_path.is_file():  # every model skipped: render what is stored
         raw = json.loads(raw_path.read_text(encoding="utf-8"))
     order = sorted(raw, key=lambda name: (name != "testbed-main", name))

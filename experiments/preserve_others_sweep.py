@@ -82,14 +82,6 @@ def validation_parser(doc: str | None, out_name: str, summary: bool = True) -> a
     return parser
 
 
-def store(path: Path, result: dict) -> None:
-    """Merge one model's ``result`` into the JSON at ``path`` (keyed by model name), re-read just
-    before writing: one process per model may run side by side (experiments/regenerate.py)."""
-    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    stored[result["model"]] = result
-    path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
-
-
 def with_layers(spec: EditSpec, layers: list[int] | None) -> EditSpec:
     if layers is None:
         return spec

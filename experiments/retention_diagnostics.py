@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from frontier import FACTOR_NAMES, TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import (DEFAULT_MODELS, ONE_SIDED, ONE_SIDED_TARGET, store,  # noqa: E402
+from frontier import FACTOR_NAMES, TASKS, choice_key, store, summarise  # noqa: E402
+from preserve_others_sweep import (DEFAULT_MODELS, ONE_SIDED, ONE_SIDED_TARGET,  # noqa: E402
                                    validation_parser, validation_setup)
 from tasks import FACTORS  # noqa: E402
 

@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from frontier import TASKS, choice_key, summarise  # noqa: E402
-from preserve_others_sweep import (DEFAULT_MODELS, ONE_SIDED, ONE_SIDED_TARGET, store,  # noqa: E402
+from frontier import TASKS, choice_key, store, summarise  # noqa: E402
+from preserve_others_sweep import (DEFAULT_MODELS, ONE_SIDED, ONE_SIDED_TARGET,  # noqa: E402
                                    validation_parser, validation_setup)
 
 from sith.edits import plan as plan_module  # noqa: E402

@@ -617,8 +617,9 @@ class _Planner:
         if op.action == "suppress":
             self.warnings.append(f"[uncalibrated] operations[{i}]: output_projection's predicted presence is the share "
                                  f"of the text direction of {', '.join(op.concepts)} left in the embedding, not a "
-                                 "prediction of recognition: on the testbed, predicted presence 0.1 removed a shape but left colours "
-                                 "recognised (recall above 85 %; docs/edits.md, Frontier); check the effect on data")
+                                 "prediction of recognition: on the testbed, predicted presence 0.1 removed a shape "
+                                 "but left colours recognised (recall above 85 %; docs/edits.md, Frontier); check "
+                                 "the effect on data")
         for concept in op.concepts:
             u = self.geometry.joint_direction(concept)
             pair = self._pair(u, self._keep_directions(op, concept, preserve, joint_space=True),
