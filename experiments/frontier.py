@@ -3,20 +3,23 @@
     nice .venv/bin/python experiments/frontier.py            # every shipped testbed model
     nice .venv/bin/python experiments/frontier.py --model sith/testbed/checkpoints/testbed-small
 
-Tasks: remove "red", remove "blue", remove "circle" (a shape), and the water/land debias
-(suppress both backgrounds). For every operator (head_mlp_orthogonal, head_mlp_project,
-head_project, sith_scale, head_ablation, output_projection) the planner is run target-driven over a
-grid of target presences (λ = 1 for head_mlp_project and head_project; λ = 4 was measured on
-validation and cost the other factors more; head_mlp_orthogonal with the library's λ); each plan is
+Tasks: remove "red", remove "blue", remove "circle" (a shape), and the water/land debias (the
+``debias`` action on both backgrounds: a suppress with its own default target). For every operator
+(head_mlp_orthogonal, head_mlp_project, head_project, sith_scale, head_ablation, output_projection)
+the planner is run target-driven over a grid of target presences (λ = 1 for head_mlp_project and
+head_project; λ = 4 was measured on validation and cost the other factors more; head_mlp_orthogonal
+with the library's λ, and on the removals with each anchor weight κ of ANCHOR_WEIGHTS); each plan is
 applied and measured on
 
 * the **validation** split (world seeds HELDOUT+20/+30): used to choose each operator's point and
-  the library's default target (``default_target_choice``), and
-* the **fresh test** split (seeds HELDOUT+60/+70, never looked at while choosing): every number
+  the library's default targets (``default_target_choice``: suppress from the removals, debias from
+  the debias), and
+* the **fresh test** split (seeds HELDOUT+80/+90, never looked at while choosing): every number
   reported in the tables and plots.
 
 Also measured: where the default command (``EditSpec`` defaults: operator auto, target default)
-lands and whether its preview warned; the Spearman rank correlation between the data-free
+lands, whether its preview warned, and (removals) which values of the edited factor it costs and what
+they are taken for; the Spearman rank correlation between the data-free
 prediction and the measured recall (removal) / group accuracy gain (debias) over all edits, both
 for the predicted presence (write share kept) and for the prior-corrected one the planner aims with
 (presence + PRIOR_WEIGHT · prior, sith.edits.plan); and a linear probe (logistic
@@ -44,7 +47,7 @@ from sith.edits import plan as plan_module  # noqa: E402
 from sith.edits.apply import apply_multipliers  # noqa: E402
 from sith.edits.operators import DEFAULT_OPERATOR, Geometry, tower_writers  # noqa: E402
 from sith.edits.plan import plan_edit, preserved_concepts  # noqa: E402
-from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec  # noqa: E402
+from sith.edits.spec import DEFAULT_DEBIAS_TARGET, DEFAULT_SUPPRESS_TARGET, EditSpec  # noqa: E402
 from sith.engine.analysis import Analyzer  # noqa: E402
 from sith.engine.dictionary import build_dictionary  # noqa: E402
 from sith.engine.errors import InvalidInput  # noqa: E402
@@ -69,6 +72,9 @@ TARGETS = {"head_mlp_orthogonal": (0.5, 0.35, 0.25, 0.2, 0.175, 0.15, 0.125, 0.1
            "head_mlp_project": (0.5, 0.35, 0.25, 0.15, 0.05), "head_project": (0.5, 0.35, 0.25, 0.1),
            "sith_scale": (0.5, 0.3, 0.1), "head_ablation": (0.5, 0.3, 0.1), "output_projection": (0.5, 0.3, 0.1)}
 LAMBDAS = {"head_mlp_project": (1.0,), "head_project": (1.0,), "output_projection": (0.0,)}
+# The default operator's anchor weights κ (plan.ANCHOR_WEIGHT; 0 = no anchor) on the removals: the
+# library's κ is chosen with its default target by ``default_target_choice``. A debias is not anchored.
+ANCHOR_WEIGHTS = (0.0, 0.25, 0.5)
 # The issue's targets (held-out test seeds, default command).
 RECALL_TARGET = 0.15
 SAME_FACTOR_KEEP = 0.95
@@ -121,6 +127,27 @@ class Splits:
             rest = natural.labels[factor] != FACTORS[factor].index(task["concepts"][0])
             out["rest"] = paired_interval(self.zs.correct(base, natural, factor)[rest],
                                           self.zs.correct(feats, natural, factor)[rest])
+        return out
+
+    def value_changes(self, feats: torch.Tensor, split: str, task: dict) -> dict[str, dict]:
+        """Per value of a removal's factor: its recall under the base model and under the edit (``feats``),
+        and what the images it loses are taken for: where "rest of factor kept" goes, and what the
+        removed concept's images now look like."""
+        natural = self.sets[split][0]
+        factor, names = task["factor"], FACTORS[task["factor"]]
+        truth = natural.labels[factor]
+        before = self.zs.predict(self.base_natural(split), factor)
+        after = self.zs.predict(feats, factor)
+        out = {}
+        for index, value in enumerate(names):
+            mask = truth == index
+            if not bool(mask.any()):
+                continue
+            lost = mask & (before == truth) & (after != truth)
+            taken_for = torch.bincount(after[lost], minlength=len(names))
+            out[value] = {"n": int(mask.sum()), "base": float((before[mask] == index).float().mean()),
+                          "edited": float((after[mask] == index).float().mean()),
+                          "lost_to": {names[j]: int(c) for j, c in enumerate(taken_for.tolist()) if c}}
         return out
 
     def measure(self, model, split: str, task: dict, keep: dict | None = None,
@@ -209,53 +236,82 @@ def effect_met(s: dict, task: dict, confident: bool = True) -> bool:
     return s["worst_gain"] >= WORST_GAIN and s["mean_gain"] >= -1e-9
 
 
-def default_target_choice(raw: dict) -> dict:
-    """The validation rule for the library's default suppress target (spec.DEFAULT_SUPPRESS_TARGET), over
-    every model and task of the sweep: the target of the default operator that meets the most effect
-    targets (``effect_met``), and among those the one that keeps the most (mean ``retention_key``)."""
+# The library default each kind of task chooses (``default_target_choice``), and the action it belongs to.
+LIBRARY_DEFAULTS = {"remove": ("suppress", "DEFAULT_SUPPRESS_TARGET", DEFAULT_SUPPRESS_TARGET),
+                    "debias": ("debias", "DEFAULT_DEBIAS_TARGET", DEFAULT_DEBIAS_TARGET)}
+
+
+def _setting(r: dict) -> str:
+    return f"{r['target']:g}" if r["anchor"] is None else f"{r['target']:g}, κ {r['anchor']:g}"
+
+
+def default_target_choice(raw: dict, kind: str = "remove") -> dict:
+    """The validation rule for the library's default target of one kind of task (removals: the suppress
+    target, spec.DEFAULT_SUPPRESS_TARGET; the debias: spec.DEFAULT_DEBIAS_TARGET), over every model and
+    task of that kind: the (anchor weight κ, target) of the default operator that meets the most effect
+    targets (``effect_met``), and among those the one that keeps the most (mean ``retention_key``); a
+    tie goes to the milder target, then the smaller κ."""
+    settings = []
+    for result in raw.values():
+        for entry in result["tasks"].values():
+            if entry["task"]["kind"] == kind:
+                settings += [(p.get("anchor"), p["target"]) for p in entry["points"]
+                             if p["operator"] == DEFAULT_OPERATOR]
     rows = []
-    for target in TARGETS[DEFAULT_OPERATOR]:
+    for anchor, target in sorted(set(settings), key=lambda s: (s[0] or 0.0, -s[1])):
         cells = {}
         for result in raw.values():
             for name, entry in result["tasks"].items():
-                point = next((p for p in entry["points"]
-                              if p["operator"] == DEFAULT_OPERATOR and p["target"] == target), None)
+                if entry["task"]["kind"] != kind:
+                    continue
+                point = next((p for p in entry["points"] if p["operator"] == DEFAULT_OPERATOR
+                              and p.get("anchor") == anchor and p["target"] == target), None)
                 if point is not None:
                     v = point["val"]
                     cells[f"{result['model']} {name}"] = {"met": effect_met(v, entry["task"]),
                                                           "keep": retention_key(v, entry["task"])}
         if cells:
-            rows.append({"target": target, "met": sum(c["met"] for c in cells.values()),
+            rows.append({"anchor": anchor, "target": target, "met": sum(c["met"] for c in cells.values()),
                          "keep": sum(c["keep"] for c in cells.values()) / len(cells), "cells": cells})
     if not rows:
-        return {"rows": [], "chosen": None}
+        return {"rows": [], "chosen": None, "anchor": None}
     most = max(r["met"] for r in rows)
-    chosen = max((r for r in rows if r["met"] == most), key=lambda r: (r["keep"], r["target"]))
-    return {"rows": rows, "chosen": chosen["target"]}
+    chosen = max((r for r in rows if r["met"] == most), key=lambda r: (r["keep"], r["target"], -(r["anchor"] or 0.0)))
+    return {"rows": rows, "chosen": chosen["target"], "anchor": chosen["anchor"]}
 
 
 def render_target_choice(raw: dict) -> str:
-    choice = default_target_choice(raw)
-    if not choice["rows"]:
-        return ""
-    names = list(choice["rows"][0]["cells"])
-    lines = ["# The default target, chosen on validation", "",
-             f"Rule (`default_target_choice`): among {DEFAULT_OPERATOR}'s targets, the one that meets the most "
+    lines = ["# The default targets, chosen on validation", "",
+             f"Rule (`default_target_choice`), once for the removals (the `suppress` action's default) and once for "
+             f"the debias (the `debias` action's): among {DEFAULT_OPERATOR}'s targets, the one that meets the most "
              f"effect targets on validation (a removal counts only when the one-sided 95 % Wilson bound of its "
              f"recall is ≤ {pct(RECALL_TARGET)} %; the debias needs +{pct(WORST_GAIN)} worst-group points and a mean "
              "not lower), then keeps the most (mean over cells of the retention key: min(rest kept / 0.95, other "
-             "factors kept / 0.97), debias other factors kept / 0.95). Cells: ✓ effect met, then the key.", "",
-             "| target | effect met | mean key | " + " | ".join(names) + " |",
+             "factors kept / 0.97), debias other factors kept / 0.95). Cells: ✓ effect met, then the key.", ""]
+    for kind, (action, constant, library_value) in LIBRARY_DEFAULTS.items():
+        choice = default_target_choice(raw, kind)
+        if choice["rows"]:
+            lines += _choice_table(choice, action, constant, library_value)
+    return "\n".join(lines)
+
+
+def _choice_table(choice: dict, action: str, constant: str, library_value: float) -> list[str]:
+    names = list(choice["rows"][0]["cells"])
+    lines = [f"## `{action}`", "", "| target | effect met | mean key | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for r in choice["rows"]:
-        mark = " **(chosen)**" if r["target"] == choice["chosen"] else ""
-        lines.append(f"| {r['target']:g}{mark} | {r['met']}/{len(r['cells'])} | {r['keep']:.3f} | " + " | ".join(
+        mark = " **(chosen)**" if (r["target"], r["anchor"]) == (choice["chosen"], choice["anchor"]) else ""
+        lines.append(f"| {_setting(r)}{mark} | {r['met']}/{len(r['cells'])} | {r['keep']:.3f} | " + " | ".join(
             f"{'✓' if r['cells'][n]['met'] else '✗'} {r['cells'][n]['keep']:.3f}" if n in r["cells"] else "–"
             for n in names) + " |")
-    agree = "equals" if abs(choice["chosen"] - DEFAULT_SUPPRESS_TARGET) < 1e-9 else "DIFFERS FROM"
-    lines += ["", f"Chosen: **{choice['chosen']:g}**, which {agree} the library's `DEFAULT_SUPPRESS_TARGET` "
-              f"({DEFAULT_SUPPRESS_TARGET:g}).", ""]
-    return "\n".join(lines)
+    agree = "equals" if abs(choice["chosen"] - library_value) < 1e-9 else "DIFFERS FROM"
+    lines += ["", f"Chosen: **{_setting(choice | {'target': choice['chosen']})}**: the target {agree} the library's "
+                  f"`{constant}` ({library_value:g})"]
+    if choice["anchor"] is not None:
+        same = "equals" if abs(choice["anchor"] - plan_module.ANCHOR_WEIGHT) < 1e-9 else "DIFFERS FROM"
+        lines[-1] += f", the anchor weight {same} `plan.ANCHOR_WEIGHT` ({plan_module.ANCHOR_WEIGHT:g})"
+    lines[-1] += "."
+    return lines + [""]
 
 
 def choice_key(s: dict, task: dict, confident: bool = False) -> tuple:
@@ -311,7 +367,7 @@ def probe(splits: Splits, feats: dict, task: dict) -> float:
 
 
 def spec_for(loaded, task: dict, operator: str | None, target: float | None) -> EditSpec:
-    op: dict = {"concepts": list(task["concepts"]), "action": "suppress"}
+    op: dict = {"concepts": list(task["concepts"]), "action": LIBRARY_DEFAULTS[task["kind"]][0]}
     if operator is not None:
         op["operator"] = operator
     if target is not None:
@@ -363,26 +419,27 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
                 point[s] = summarise(splits.measure(model, s, task, feats), base[s], task)
             return point, feats
 
-        for operator in OPERATORS:
-            for lam in LAMBDAS.get(operator, (None,)):
-                for target in TARGETS[operator]:
-                    try:
-                        kwargs = {} if lam is None else {"preserve_weight": lam}
-                        plan = plan_edit(analyzer, spec_for(loaded, task, operator, target), **kwargs)
-                    except InvalidInput as exc:
-                        print(f"  skip {operator} λ={lam} t={target}: {exc}", flush=True)
-                        continue
-                    point, feats = measure(plan, {"operator": operator, "lambda": lam, "target": target})
-                    kept_feats[(operator, lam, target)] = feats
-                    entry["points"].append(point)
-            print(f"[{time.time() - started:.0f}s] {loaded.name} {name} {operator}: {len(entry['points'])} points",
-                  flush=True)
+        for operator, lam, anchor, target in grid(task):
+            try:
+                kwargs = {} if lam is None else {"preserve_weight": lam}
+                if anchor is not None:
+                    kwargs["anchor_weight"] = anchor
+                plan = plan_edit(analyzer, spec_for(loaded, task, operator, target), **kwargs)
+            except InvalidInput as exc:
+                print(f"  skip {operator} λ={lam} κ={anchor} t={target}: {exc}", flush=True)
+                continue
+            point, feats = measure(plan, {"operator": operator, "lambda": lam, "anchor": anchor, "target": target})
+            kept_feats[(operator, lam, anchor, target)] = feats
+            entry["points"].append(point)
+            if target == TARGETS[operator][-1]:
+                print(f"[{time.time() - started:.0f}s] {loaded.name} {name} {operator} κ={anchor}: "
+                      f"{len(entry['points'])} points", flush=True)
         for operator in OPERATORS:
             mine = [p for p in entry["points"] if p["operator"] == operator]
             if not mine:
                 continue
             best = max(mine, key=lambda p: choice_key(p["val"], task, confident=True))
-            feats = kept_feats[(operator, best["lambda"], best["target"])]
+            feats = kept_feats[(operator, best["lambda"], best.get("anchor"), best["target"])]
             entry["chosen"][operator] = {**best, "probe": probe(splits, feats, task)}
         entry["default"] = default_point(analyzer, splits, task, base, geometry)
         result["tasks"][name] = entry
@@ -391,6 +448,17 @@ def run_model(folder: str, sizes: tuple[int, int, int, int], tasks: list[str]) -
     summarise_result(result)
     result["seconds"] = round(time.time() - started)
     return result
+
+
+def grid(task: dict) -> list[tuple[str, float | None, float | None, float]]:
+    """Every (operator, λ, κ, target) the sweep plans for ``task`` (None: the library's λ / no κ sweep)."""
+    out = []
+    for operator in OPERATORS:
+        anchors = ANCHOR_WEIGHTS if operator == DEFAULT_OPERATOR and task["kind"] == "remove" else (None,)
+        for lam in LAMBDAS.get(operator, (None,)):
+            for anchor in anchors:
+                out += [(operator, lam, anchor, target) for target in TARGETS[operator]]
+    return out
 
 
 def predictions(geometry: Geometry, plan) -> dict:
@@ -414,7 +482,11 @@ def default_point(analyzer, splits: Splits, task: dict, base: dict, geometry: Ge
     op = plan.spec.operations[0]
     lam = (plan_module.ORTHOGONAL_PRESERVE_WEIGHT if op.operator == "head_mlp_orthogonal"
            else plan_module.DEFAULT_PRESERVE_WEIGHT)
+    preserved = preserved_concepts(plan.spec, 0, analyzer.dictionary)
+    anchors = {c: plan_module.anchor_for(plan.spec, 0, c, preserved, analyzer.dictionary) for c in op.concepts}
+    anchors = {c: a for c, a in anchors.items() if a is not None}
     point = {"operator": op.operator, "lambda": lam, "target": op.target,
+             "anchor": plan_module.ANCHOR_WEIGHT if anchors else None, "anchors": anchors,
              **predictions(geometry, plan), "writers": len(plan.affected),
              "warnings": len(plan.warnings), "warning_tags": warning_tags(plan.warnings),
              "warnings_text": plan.warnings, "notes": plan.notes}
@@ -424,6 +496,8 @@ def default_point(analyzer, splits: Splits, task: dict, base: dict, geometry: Ge
         point[s] = summarise(splits.measure(model, s, task, feats, natural), base[s], task)
     point["probe"] = probe(splits, feats, task)
     point["test_intervals"] = splits.kept_intervals(natural["test"], "test", task)
+    if task["kind"] == "remove":
+        point["test_values"] = splits.value_changes(natural["test"], "test", task)
     return point
 
 
@@ -538,6 +612,27 @@ def _row(label: str, p: dict, kind: str, probe_value: float | None = None) -> st
             f"{pct(t['other_min'])}% ({t['other_min_factor']}) | {'yes' if t['met'] else 'no'}{tail} |")
 
 
+def _value_changes_line(values: dict | None, concepts: list[str], floor: float = 0.02) -> list[str]:
+    """The values of the edited factor the default costs more than ``floor`` of their recall, and what
+    their lost images are taken for."""
+    if not values:
+        return []
+    def taken_for(c: dict) -> str:
+        return ", ".join(f"{n} to {dest}" for dest, n in sorted(c["lost_to"].items(), key=lambda kv: -kv[1]))
+
+    removed = [(v, c) for v, c in values.items() if v in concepts]
+    costly = sorted(((v, c) for v, c in values.items() if v not in concepts and c["base"] - c["edited"] > floor),
+                    key=lambda vc: vc[1]["edited"] - vc[1]["base"])
+    text = "; ".join(f"{v} {pct(c['base'])} → {pct(c['edited'])} ({taken_for(c)})" for v, c in costly) or "none"
+    return ["", "Default, the factor by value (test recall, base → edited; lost images taken for): "
+            + "; ".join(f"the removed {v}'s images are taken for {taken_for(c) or 'nothing else'}" for v, c in removed)
+            + f". Other values that lose more than {pct(floor)} points: {text}."]
+
+
+def _anchor_label(p: dict, sep: str) -> str:
+    return "" if p.get("anchor") is None else f"{sep}κ={p['anchor']:g}"
+
+
 def render(result: dict) -> str:
     lines = [f"# Edit frontier on `{result['model']}`", "",
              f"Generated by `experiments/frontier.py` in {result['seconds']} s (2-core AMD EPYC VM, shared; no GPU). "
@@ -559,7 +654,7 @@ def render(result: dict) -> str:
                       "fidelity |",
                       "|---|---|---|---|---|---|---|"]
         else:
-            lines += [f"## Debias water/land (suppress both)", "",
+            lines += ["## Debias water/land (the debias action on both)", "",
                       f"Base (test): worst group {pct(base['worst'])}, mean {pct(base['mean'])}, water-vs-land probe "
                       f"{pct(entry['base_probe'])}. Target: worst ≥ base + {WORST_GAIN * 100:.0f}, mean not lower, every "
                       f"non-background factor ≥ {pct(DEBIAS_KEEP)}%.", "",
@@ -567,17 +662,20 @@ def render(result: dict) -> str:
                       "fidelity |",
                       "|---|---|---|---|---|---|---|"]
         for operator, p in entry["chosen"].items():
-            lam = "" if p["lambda"] is None else f", λ={p['lambda']:g}"
+            lam = ("" if p["lambda"] is None else f", λ={p['lambda']:g}") + _anchor_label(p, ", ")
             lines.append(_row(f"{operator} (val-chosen: target {p['target']:g}{lam}, {p['writers']} writers)", p, kind,
                               p["probe"]))
         d = entry["default"]
-        lines.append(_row(f"**default command** ({d['operator']}, target {d['target']:g}, λ={d['lambda']}; predicted "
+        anchored = "".join(f", {c} anchored to {a}" for c, a in d.get("anchors", {}).items())
+        lines.append(_row(f"**default command** ({d['operator']}, target {d['target']:g}, λ={d['lambda']}"
+                          f"{_anchor_label(d, ', ')}{anchored}; predicted "
                           f"{d['predicted']:.3f}, prior {max(d.get('prior', {0: 0}).values()):+.2f})", d, kind, d["probe"]))
         intervals = d.get("test_intervals")
         if intervals:
             lines += ["", "Default, 95 % paired-bootstrap intervals of the kept shares (test images, base vs edited): "
                       + ", ".join(f"{'rest of factor' if f == 'rest' else f} {pct(lo)}–{pct(hi)} %"
                                   for f, (lo, hi) in intervals.items()) + "."]
+        lines += _value_changes_line(d.get("test_values"), task["concepts"])
         warned = d.get("warnings_text") or []
         lines += ["", "Default preview warnings: " + ("; ".join(f"`{w[:160]}`" for w in warned if not
                                                            w.startswith("[preserve]")) or "none (besides preserve notes)")
@@ -591,7 +689,7 @@ def render(result: dict) -> str:
             t = p["test"]
             cols = ((pct(t["recall"]), pct(t["rest_keep"]), pct(t["other_min"])) if kind == "remove"
                     else (f"{t['worst_gain'] * 100:+.1f}", f"{t['mean_gain'] * 100:+.1f}", pct(t["other_min"])))
-            lam = "–" if p["lambda"] is None else f"{p['lambda']:g}"
+            lam = ("–" if p["lambda"] is None else f"{p['lambda']:g}") + _anchor_label(p, " ")
             fid = f"{t['fidelity']:.3f}" if "fidelity" in t else "–"
             lines.append(f"| {p['operator']} | {lam} | {p['target']:g} | {p['predicted']:.3f} | "
                          f"{p.get('predicted_effective', float('nan')):.3f} | {p['warnings']} | " + " | ".join(cols)

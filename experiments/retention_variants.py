@@ -164,7 +164,8 @@ def run(folder: str, n_val: int, n_spu: int) -> dict:
     out: dict = {"model": loaded.name, "hash": loaded.hash, "sizes": [n_val, n_spu], "rows": []}
 
     def plan_model(task: dict, **op):
-        op = {"operator": ONE_SIDED, "target": ONE_SIDED_TARGET, **op}
+        # pinned like the operator and target: these rows measured head_mlp_orthogonal without anchors
+        op = {"operator": ONE_SIDED, "target": ONE_SIDED_TARGET, "anchor": "none", **op}
         spec = EditSpec.from_dict({"model": loaded.name, "operations": [{"concepts": list(task["concepts"]), **op}]})
         return plan_edit(analyzer, spec)
 

@@ -306,7 +306,8 @@ class Model:
 
     # editing ---------------------------------------------------------------------------------
     def spec(self, suppress: Sequence[str] | str | None = None, amplify: Sequence[str] | str | None = None,
-             flip: Sequence[str] | str | None = None, scale: Sequence[str] | str | None = None, *,
+             flip: Sequence[str] | str | None = None, scale: Sequence[str] | str | None = None,
+             debias: Sequence[str] | str | None = None, *,
              strength: float | None = None, top: int | None = None, threshold: float | None = None,
              layers: Sequence[int] | None = None, **options: Any):
         """The ``EditSpec`` the keyword form describes: one operation per action named.
@@ -320,7 +321,8 @@ class Model:
         if top is not None and threshold is not None:
             raise InvalidInput("top", "give top or threshold, not both")
         operations = []
-        for action, concepts in (("suppress", suppress), ("amplify", amplify), ("flip", flip), ("scale", scale)):
+        for action, concepts in (("suppress", suppress), ("amplify", amplify), ("flip", flip), ("scale", scale),
+                                 ("debias", debias)):
             if concepts is None:
                 continue
             op: dict[str, Any] = {"concepts": [concepts] if isinstance(concepts, str) else list(concepts),
@@ -335,17 +337,20 @@ class Model:
                 op["select"] = {"rule": "threshold", "threshold": threshold}
             operations.append(op)
         if not operations:
-            raise InvalidInput("operations", "nothing to edit: name concepts with suppress=, amplify=, flip= or scale=")
+            raise InvalidInput("operations", "nothing to edit: name concepts with suppress=, amplify=, flip=, scale= "
+                               "or debias=")
         return EditSpec.from_dict({"model": self.name, "operations": operations})
 
-    def preview(self, suppress=None, amplify=None, flip=None, scale=None, *, spec=None, **options: Any) -> EditReport:
+    def preview(self, suppress=None, amplify=None, flip=None, scale=None, debias=None, *, spec=None,
+                **options: Any) -> EditReport:
         """Dry run of ``edit``: which vectors would change and how (no weights touched)."""
         from sith.edits.plan import plan_edit
 
-        spec = spec if spec is not None else self.spec(suppress, amplify, flip, scale, **options)
+        spec = spec if spec is not None else self.spec(suppress, amplify, flip, scale, debias, **options)
         return EditReport(plan_edit(self.analyzer, _as_spec(spec)))
 
-    def edit(self, suppress=None, amplify=None, flip=None, scale=None, *, spec=None, **options: Any) -> EditedModel:
+    def edit(self, suppress=None, amplify=None, flip=None, scale=None, debias=None, *, spec=None,
+             **options: Any) -> EditedModel:
         """Plan and apply an edit: ``model.edit(suppress=["red"])``, ``model.edit(suppress="red",
         strength=0.5)``, or ``model.edit(spec=EditSpec | dict | JSON)``. Returns an ``EditedModel``."""
         import dataclasses as dc
@@ -353,7 +358,7 @@ class Model:
         from sith.edits.apply import apply_multipliers
         from sith.engine.models import vision_hash
 
-        report = self.preview(suppress, amplify, flip, scale, spec=spec, **options)
+        report = self.preview(suppress, amplify, flip, scale, debias, spec=spec, **options)
         plan = report.plan
         clip = apply_multipliers(self.loaded.model, plan.multipliers, plan.decomposition).eval().requires_grad_(False)
         loaded = dc.replace(self.loaded, model=clip, name=f"{self.name}+edit", hash=vision_hash(clip))

@@ -330,11 +330,15 @@ def test_edit_spec_shortcuts_and_operations() -> None:
     goals = edit_spec(None, suppress="red", target=0.1, preserve=["blue"], operator="head_project")
     assert (goals.operations[0].target, list(goals.operations[0].preserve)) == (0.1, ["blue"])
     assert edit_spec(None, flip="red", target=-0.5).operations[0].target == -0.5  # a flip aims below 0
+    (debias,) = edit_spec(None, debias=["water", "land"]).operations
+    assert debias.action == pb.EditOperation.DEBIAS and list(debias.concepts) == ["water", "land"]
+    assert edit_spec(None, suppress="red", anchor="orange").operations[0].anchor == "orange"
+    assert edit_spec(None, suppress="red").operations[0].anchor == ""  # "" = the planner's rule
 
 
 def test_strength_is_honoured_for_every_action() -> None:
     """The issue's bug: suppress/flip dropped strength (α = 0 instead of 0.5)."""
-    for action in ("suppress", "amplify", "flip", "scale"):
+    for action in ("suppress", "amplify", "flip", "scale", "debias"):
         (op,) = edit_spec(None, **{action: ["red"]}, strength=0.5).operations
         assert op.HasField("strength") and op.strength == 0.5, action
 

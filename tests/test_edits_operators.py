@@ -16,7 +16,7 @@ from sith.edits.multipliers import Multipliers, WriteMap
 from sith.edits import plan as plan_module
 from sith.edits.operators import OPERATORS, Geometry, preserving_pair, resolve_operator, tower_writers
 from sith.edits.plan import neighbours, operation_layers, plan_from_vectors, preserved_concepts
-from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec, Operation, explicit, top_n
+from sith.edits.spec import DEFAULT_DEBIAS_TARGET, DEFAULT_SUPPRESS_TARGET, EditSpec, Operation, explicit, top_n
 from sith.engine.decomposition import dense_vo, head_value_bias
 from sith.engine.dictionary import build_dictionary
 from sith.engine.errors import InvalidInput
@@ -97,7 +97,8 @@ def test_operator_registry_and_unknown_names():
                               "output_projection"}
     assert OPERATOR_CHOICES == ("auto", *OPERATORS)  # the CLI's list (kept torch-free) names every operator
     target_help = next(p.help for p in edit_options_params() if p.name == "target")
-    assert f"default {DEFAULT_SUPPRESS_TARGET:g}," in target_help  # ... and its help the default target
+    assert f"default {DEFAULT_SUPPRESS_TARGET:g}," in target_help  # ... and its help the default targets
+    assert f"debias: default {DEFAULT_DEBIAS_TARGET:g}" in target_help
     assert resolve_operator("auto") == resolve_operator(None) == "head_mlp_orthogonal"
     with pytest.raises(InvalidInput) as err:
         EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "operator": "head_projct"}]})
@@ -466,6 +467,23 @@ def test_unreachable_target_is_a_warning_in_the_preview_not_a_silent_no_op(stack
     assert all(a.alpha == 0.0 for a in plan.affected)
 
 
+def test_debias_is_a_suppress_with_its_own_default_target(stack):
+    debias = _plan(stack, Operation(["red"], action="debias"))
+    assert debias.spec.operations[0].target == pytest.approx(DEFAULT_DEBIAS_TARGET) != DEFAULT_SUPPRESS_TARGET
+    suppress = _plan(stack, Operation(["red"], target=DEFAULT_DEBIAS_TARGET))
+    for maps in (_head_maps, _mlp_maps):  # the same plan at the same target
+        a, b = maps(debias), maps(suppress)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert debias.spec.operations[0].action == "debias"  # the request's intent is kept in the spec
+    with pytest.raises(InvalidInput, match="debias needs a target presence") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["water"], "action": "debias", "target": 1.2}]})
+    assert err.value.field == "operations[0].target"
+    with pytest.raises(InvalidInput, match="debiased by operations\\[0\\] and amplified here") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["water"], "action": "debias"},
+                                                         {"concepts": ["water"], "action": "amplify"}]})
+    assert err.value.field == "operations[1].concepts[0]"
+
+
 def test_bad_inputs_are_named(stack):
     with pytest.raises(InvalidInput) as err:
         _plan(stack, Operation(["red"], preserve=["bleu"]))
@@ -575,3 +593,83 @@ def test_mlp_rms_weights_match_a_monte_carlo_estimate(stack):
     visual = loaded.model.visual
     expected = visual.ln_pre((visual.class_embedding + visual.positional_embedding[0])[None]).reshape(-1)
     assert torch.allclose(prior, expected.double().detach(), atol=1e-6)  # read through the adapter
+
+
+def test_an_anchored_map_rewrites_a_share_of_the_removal_along_the_anchor_and_reverts(stack):
+    loaded, dictionary, decomposition, joint, _ = stack
+    plain = _plan(stack, Operation(["red"], target=0.5, anchor="none"))
+    plan = _plan(stack, Operation(["red"], target=0.5, anchor="blue"), anchor_weight=0.5)
+    assert any("anchored to 'blue'" in n for n in plan.notes) and not any("anchored" in n for n in plain.notes)
+    geometry = Geometry(joint, dictionary, decomposition, *tower_writers(loaded))
+    blue = geometry.residual_direction("blue")
+    (u, v), = plan.multipliers.pairs
+    (u0, v0), = plain.multipliers.pairs
+    assert torch.allclose(u, u0) and torch.allclose(v, v0 - 0.5 * blue / blue.norm())  # v ← v − κ â
+    red = next(e for e in plan.predicted if e.concept == "red")
+    prior = geometry.prior_score("red", preserved_concepts(plan.spec, 0, dictionary))
+    assert red.after == pytest.approx(max(0.0, 0.5 - plan_module.PRIOR_WEIGHT * prior), abs=1e-6)  # α solved with it
+    # what a writer loses along u is partly written along the anchor: w T = w − (1 − α)(w·u)(v0 − κ â)
+    alpha = plan.affected[0].alpha
+    t = plan.multipliers.write_matrix("mlp", LAYERS[0])
+    assert torch.allclose(u @ t, u - (1 - alpha) * float(u @ u) * v, atol=1e-9)
+    # written back exactly, through the manifest, and reverted through the inverse (Sherman–Morrison)
+    edited = apply_multipliers(loaded.model, plan.multipliers, decomposition)
+    reference = _patched(loaded.model, _head_maps(plan), mlp_maps=_mlp_maps(plan))
+    assert (_embed(edited) - _embed(reference)).abs().max() < 1e-5
+    assert Multipliers.from_manifest(plan.manifest()["multipliers"]) == plan.multipliers
+    inverse = plan.multipliers.inverse()
+    assert torch.allclose(t @ inverse.write_matrix("mlp", LAYERS[0]), torch.eye(t.shape[0], dtype=torch.float64),
+                          atol=1e-9)
+    restored = apply_multipliers(loaded.model, plan.multipliers.compose(inverse), decomposition)
+    assert (_embed(restored) - _embed(loaded.model)).abs().max() < 1e-5
+
+
+def test_the_automatic_anchor_is_the_nearest_preserved_concept_of_a_default_removal(stack, monkeypatch):
+    _, dictionary, _, _, _ = stack
+    spec = EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"]}]})
+    preserved = preserved_concepts(spec, 0, dictionary)
+    centred = torch.nn.functional.normalize(dictionary.centred.double(), dim=-1)
+    cosine = {c: float(centred[dictionary.index(c)] @ centred[dictionary.index("red")]) for c in preserved}
+    nearest = max(cosine, key=cosine.get)
+    monkeypatch.setattr(plan_module, "ANCHOR_MIN_COSINE", -1.0)
+    assert plan_module.anchor_for(spec, 0, "red", preserved, dictionary) == nearest
+    monkeypatch.setattr(plan_module, "ANCHOR_MIN_COSINE", 1.0)  # none close enough: no anchor
+    assert plan_module.anchor_for(spec, 0, "red", preserved, dictionary) is None
+    monkeypatch.setattr(plan_module, "ANCHOR_MIN_COSINE", -1.0)
+    for op in ({"action": "debias"}, {"operator": "head_mlp_project"}, {"anchor": "none"}):
+        other = EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], **op}]})
+        assert plan_module.anchor_for(other, 0, "red", preserved, dictionary) is None, op
+    explicit_anchor = EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "anchor": "green"}]})
+    assert plan_module.anchor_for(explicit_anchor, 0, "red", [], dictionary) == "green"
+    with pytest.raises(InvalidInput) as err:
+        _plan(stack, Operation(["red"], anchor="bleu"))
+    assert err.value.field == "operations[0].anchor" and "blue" in err.value.suggestions
+
+
+@pytest.mark.parametrize("op, field, reason", [
+    ({"anchor": ""}, "operations[0].anchor", "expected a concept name"),
+    ({"anchor": "red"}, "operations[0].anchor", "contradictory"),
+    ({"anchor": "blue", "action": "amplify"}, "operations[0].anchor", "needs action suppress or debias"),
+    ({"anchor": "blue", "operator": "sith_scale"}, "operations[0].anchor", "needs action suppress or debias"),
+])
+def test_bad_anchors_are_named(op, field, reason):
+    with pytest.raises(InvalidInput, match=reason) as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], **op}]})
+    assert err.value.field == field
+    with pytest.raises(InvalidInput, match="anchor here but suppressed") as err:
+        EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "anchor": "blue"},
+                                                         {"concepts": ["blue"]}]})
+    assert err.value.field == "operations[0].anchor"
+    spec = EditSpec.from_dict({"model": "m", "operations": [{"concepts": ["red"], "anchor": "blue"}]})
+    assert EditSpec.from_dict(spec.to_dict()).operations[0].anchor == "blue"
+
+
+def test_anchor_weight_is_checked(stack):
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InvalidInput) as err:
+            _plan(stack, Operation(["red"]), anchor_weight=bad)
+        assert err.value.field == "anchor_weight"
+    with pytest.raises(InvalidInput, match="vᵀu"):
+        u = torch.zeros(4, dtype=torch.float64)
+        u[0] = 1.0
+        Multipliers({}, pairs=[(u, 3.0 * u)], maps=[])

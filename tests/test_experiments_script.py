@@ -118,11 +118,15 @@ def test_default_target_choice_meets_most_effects_then_keeps_most():
         "water/land": {"task": debias, "points": [
             point(t, {"worst_gain": 0.25, "mean_gain": 0.01, "other_min": keep})
             for t, keep in ((0.2, 0.96), (0.15, 0.95), (0.1, 0.94))]}}}}
-    choice = fr.default_target_choice(raw)
+    choice = fr.default_target_choice(raw)  # the suppress default: the removals alone
     # 0.2 keeps the most but leaves red recognised; of the two that remove it, 0.15 keeps more
     assert choice["chosen"] == 0.15
-    assert [r["met"] for r in choice["rows"] if r["target"] in (0.2, 0.15, 0.1)] == [1, 2, 2]
-    assert "(chosen)" in fr.render_target_choice(raw)
+    assert [r["met"] for r in choice["rows"] if r["target"] in (0.2, 0.15, 0.1)] == [0, 1, 1]
+    assert all(set(r["cells"]) == {"m red"} for r in choice["rows"])
+    # the debias default: every target meets the gain, 0.2 keeps the most
+    assert fr.default_target_choice(raw, "debias")["chosen"] == 0.2
+    rendered = fr.render_target_choice(raw)
+    assert rendered.count("(chosen)") == 2 and "`DEFAULT_DEBIAS_TARGET`" in rendered
 
 
 def test_rank_correlation_and_probe_are_real_measurements():

@@ -141,6 +141,12 @@ def test_invalid_edit_spec_names_the_field(srv):
     _, details = rich(err.value)
     assert details["BadRequest"].field_violations[0].field == "spec.operations[0].concepts[0]"
     assert "water" in details["Suggestions"].values
+    spec = pb.EditSpec(operations=[pb.EditOperation(concepts=["dog"], action=pb.EditOperation.SUPPRESS, anchor="wter")])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateEdit(pb.CreateEditRequest(spec=spec), timeout=5)
+    _, details = rich(err.value)
+    assert details["BadRequest"].field_violations[0].field == "spec.operations[0].anchor"
+    assert "water" in details["Suggestions"].values
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateEdit(pb.CreateEditRequest(spec=pb.EditSpec()), timeout=5)
     assert rich(err.value)[1]["BadRequest"].field_violations[0].field == "spec.operations"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sith.edits.spec import DEFAULT_SUPPRESS_TARGET, EditSpec
+from sith.edits.spec import DEFAULT_DEBIAS_TARGET, DEFAULT_SUPPRESS_TARGET, EditSpec
 from sith.engine.errors import InvalidInput
 from sith_api.v1 import sith_pb2 as pb
 from sith_workers import specs
@@ -20,6 +20,8 @@ LIBRARY_SPECS = [
                      "select": {"rule": "explicit", "vectors": [[5, 1, 0], [5, 2, 3]]}}]},
     {"operations": [{"concepts": ["blue"], "action": "scale", "strength": 0.5, "operator": "sith_scale",
                      "select": {"rule": "threshold", "threshold": 0.25}}]},
+    {"operations": [{"concepts": ["water", "land"], "action": "debias"}]},
+    {"operations": [{"concepts": ["red"], "anchor": "orange"}, {"concepts": ["blue"], "anchor": "none"}]},
 ]
 
 
@@ -36,6 +38,9 @@ def test_the_planned_spec_names_the_defaults_the_request_left_out():
     assert planned.operator == "head_mlp_orthogonal" and planned.target == pytest.approx(DEFAULT_SUPPRESS_TARGET)
     assert planned.select.rule == pb.Selection.AUTO and planned.preserve_neighbours
     assert not request.operations[0].operator and not request.operations[0].HasField("target")
+    debias = pb.EditSpec(operations=[pb.EditOperation(concepts=["water", "land"], action=pb.EditOperation.DEBIAS)])
+    planned = specs.from_library(specs.to_library(debias, "testbed-main")).operations[0]
+    assert planned.action == pb.EditOperation.DEBIAS and planned.target == pytest.approx(DEFAULT_DEBIAS_TARGET)
 
 
 def test_an_operation_without_an_action_is_refused_by_name():

@@ -150,9 +150,10 @@ class BaseClient:
     # ---- edits --------------------------------------------------------------------------------
     @staticmethod
     def _edit_spec(model: str | None, *, suppress: Concepts = None, amplify: Concepts = None, flip: Concepts = None,
-                   scale: Concepts = None, strength: float | None = None, layers: Sequence[int] | None = None,
+                   scale: Concepts = None, debias: Concepts = None, strength: float | None = None,
+                   layers: Sequence[int] | None = None,
                    top_n: int | None = None, threshold: float | None = None, operator: str | None = None,
-                   target: float | None = None, preserve: Concepts = None,
+                   target: float | None = None, preserve: Concepts = None, anchor: str | None = None,
                    operations: Sequence[EditOp] | None = None) -> pb.EditSpec:
         """Each shortcut keyword becomes one operation sharing ``strength`` (α, for every action),
         ``layers``, the selection and the operator; ``operations`` adds fully specified ones."""
@@ -160,15 +161,17 @@ class BaseClient:
         given(pb.EditOperation, "strength", strength, "strength")
         given(pb.EditOperation, "target", target, "target")
         ops: list[EditOp] = []
-        for action, concepts in (("suppress", suppress), ("amplify", amplify), ("flip", flip), ("scale", scale)):
+        for action, concepts in (("suppress", suppress), ("amplify", amplify), ("flip", flip), ("scale", scale),
+                                 ("debias", debias)):
             names = _concept_list(concepts)
             if names:
                 ops.append(EditOp(action, names, strength, layers, top_n, threshold,  # type: ignore[arg-type]
-                                  operator=operator, target=target, preserve=_concept_list(preserve) or None))
+                                  operator=operator, target=target, preserve=_concept_list(preserve) or None,
+                                  anchor=anchor))
         ops.extend(operations or ())
         if not ops:
             raise invalid_argument("operations", "an edit needs at least one of suppress=, amplify=, flip=, "
-                                   "scale= or operations=")
+                                   "scale=, debias= or operations=")
         try:
             protos = [op.to_proto() for op in ops]
         except ValueError as exc:

@@ -120,9 +120,9 @@ def cmd_find(c: Client, a: argparse.Namespace) -> Any:
 
 
 def _edit_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(suppress=a.suppress, amplify=a.amplify, flip=a.flip, scale=a.scale, strength=a.strength,
-                layers=a.layers, top_n=a.top_n, threshold=a.threshold, operator=a.operator, target=a.target,
-                preserve=a.preserve,
+    return dict(suppress=a.suppress, amplify=a.amplify, flip=a.flip, scale=a.scale, debias=a.debias,
+                strength=a.strength, layers=a.layers, top_n=a.top_n, threshold=a.threshold, operator=a.operator,
+                target=a.target, preserve=a.preserve, anchor=a.anchor,
                 operations=[EditOp(**op) for op in json.loads(a.operations)] if a.operations else None)
 
 
@@ -289,12 +289,14 @@ def _parser() -> argparse.ArgumentParser:
         sp = cmd(name, func, help)
         model_arg(sp)
         wait_arg(sp)
-        for action in ("suppress", "amplify", "flip", "scale"):
+        for action in ("suppress", "amplify", "flip", "scale", "debias"):
             sp.add_argument(f"--{action}", nargs="+", metavar="CONCEPT", help=f"concepts to {action}")
-        sp.add_argument("--strength", type=float, help="α for every action (suppress 0..1, amplify >1, flip <0)")
+        sp.add_argument("--strength", type=float, help="α for every action (suppress, debias 0..1, amplify >1, flip <0)")
         sp.add_argument("--operator", help="edit operator (sith_scale, head_project, ...; default auto)")
-        sp.add_argument("--target", type=float, help="suppress: presence level to reach; amplify: factor")
+        sp.add_argument("--target", type=float, help="suppress, debias: presence level to reach; amplify: factor")
         sp.add_argument("--preserve", nargs="+", metavar="CONCEPT", help="concepts to protect")
+        sp.add_argument("--anchor", help="concept that takes over part of what a suppress removes "
+                        "(default auto: the nearest preserved neighbour; none = off)")
         ints(sp, "--layers", "layers to edit (default last four)")
         sel = sp.add_mutually_exclusive_group()
         sel.add_argument("--top-n", type=int, help="rescale the N most relevant vectors per operation")

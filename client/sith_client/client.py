@@ -215,22 +215,24 @@ class Client(BaseClient):
 
     # --- edits -------------------------------------------------------------------------------
     def preview_edit(self, model: str | None = None, *, suppress: Concepts = None, amplify: Concepts = None,
-                     flip: Concepts = None, scale: Concepts = None, strength: float | None = None,
-                     layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-                     operator: str | None = None, target: float | None = None, preserve: Concepts = None,
+                     flip: Concepts = None, scale: Concepts = None, debias: Concepts = None,
+                     strength: float | None = None, layers: Sequence[int] | None = None, top_n: int | None = None,
+                     threshold: float | None = None, operator: str | None = None, target: float | None = None,
+                     preserve: Concepts = None, anchor: str | None = None,
                      operations: Sequence[EditOp] | None = None, timeout: float | None = None,
                      progress: _progress.ProgressArg = False) -> pb.EditPlan:
         """Dry run: the EditPlan (vectors, α, predicted effects, warnings), stored nowhere."""
-        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
-                               layers=layers, top_n=top_n, threshold=threshold, operator=operator, target=target,
-                               preserve=preserve, operations=operations)
+        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, debias=debias,
+                               strength=strength, layers=layers, top_n=top_n, threshold=threshold, operator=operator,
+                               target=target, preserve=preserve, anchor=anchor, operations=operations)
         return self._start(self._edits.PreviewEdit, pb.PreviewEditRequest(spec=spec), pb.EditPlan, True, timeout,
                            progress)
 
     def edit(self, model: str | None = None, *, suppress: Concepts = None, amplify: Concepts = None,
-             flip: Concepts = None, scale: Concepts = None, strength: float | None = None,
-             layers: Sequence[int] | None = None, top_n: int | None = None, threshold: float | None = None,
-             operator: str | None = None, target: float | None = None, preserve: Concepts = None,
+             flip: Concepts = None, scale: Concepts = None, debias: Concepts = None,
+             strength: float | None = None, layers: Sequence[int] | None = None, top_n: int | None = None,
+             threshold: float | None = None, operator: str | None = None, target: float | None = None,
+             preserve: Concepts = None, anchor: str | None = None,
              operations: Sequence[EditOp] | None = None, request_id: str | None = None) -> Edit:
         """Create an edit; returns at once with ``state == "pending"`` (``client.wait(edit)``).
 
@@ -238,9 +240,9 @@ class Client(BaseClient):
         singular values). Every call carries an idempotency key (``request_id``, fresh by default),
         so a retry after a lost response returns the edit the first attempt created.
         """
-        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, strength=strength,
-                               layers=layers, top_n=top_n, threshold=threshold, operator=operator, target=target,
-                               preserve=preserve, operations=operations)
+        spec = self._edit_spec(model, suppress=suppress, amplify=amplify, flip=flip, scale=scale, debias=debias,
+                               strength=strength, layers=layers, top_n=top_n, threshold=threshold, operator=operator,
+                               target=target, preserve=preserve, anchor=anchor, operations=operations)
         return self._edit(self._call(self._edits.CreateEdit, self._create_request(spec, request_id)))
 
     def get_edit(self, name: str | Edit) -> Edit:

@@ -50,21 +50,22 @@ SimilarityRow = apb.SimilarityRow
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "unspecified"]
 EditState = Literal["pending", "ready", "failed", "unspecified"]
-Action = Literal["suppress", "amplify", "flip", "scale"]
+Action = Literal["suppress", "amplify", "flip", "scale", "debias"]
 
 ACTIONS = {"suppress": pb.EditOperation.SUPPRESS, "amplify": pb.EditOperation.AMPLIFY,
-           "flip": pb.EditOperation.FLIP, "scale": pb.EditOperation.SCALE}
+           "flip": pb.EditOperation.FLIP, "scale": pb.EditOperation.SCALE, "debias": pb.EditOperation.DEBIAS}
 
 
 @dataclass(frozen=True)
 class EditOp:
     """One operation of an edit, for when the ``suppress=``/``amplify=`` shortcuts are not enough.
 
-    ``strength`` is α for every action (suppress 0 ≤ α < 1, amplify α > 1, flip α < 0, scale any);
+    ``strength`` is α for every action (suppress and debias 0 ≤ α < 1, amplify α > 1, flip α < 0, scale any);
     unset, the library's default. Select vectors with ``top_n``, ``threshold`` on relevance or an
     explicit list of ``vectors`` (layer, head, index); none of them = the planner's choice.
     ``operator`` names the edit operator ("sith_scale", "head_project", ...; default "auto"),
-    ``target`` the presence level to reach, ``preserve`` concepts to protect.
+    ``target`` the presence level to reach, ``preserve`` concepts to protect, ``anchor`` the concept
+    that takes over part of what a suppress removes ("auto", "none" or a concept name).
     """
 
     action: Action
@@ -78,6 +79,7 @@ class EditOp:
     target: float | None = None
     preserve: Sequence[str] | None = None
     preserve_neighbours: bool | None = None
+    anchor: str | None = None
 
     def to_proto(self) -> pb.EditOperation:
         """The sith.v1.EditOperation; ValueError on a combination the API cannot express."""
@@ -85,7 +87,8 @@ class EditOp:
             raise ValueError(f"action must be one of {list(ACTIONS)}, got {self.action!r}")
         concepts = [self.concepts] if isinstance(self.concepts, str) else list(self.concepts)
         op = pb.EditOperation(concepts=concepts, action=ACTIONS[self.action], layers=list(self.layers or ()),
-                              operator=self.operator or "", preserve=list(self.preserve or ()))
+                              operator=self.operator or "", preserve=list(self.preserve or ()),
+                              anchor=self.anchor or "")
         if self.strength is not None:
             op.strength = float(self.strength)
         if self.target is not None:

@@ -11,7 +11,7 @@ from sith.cli.analysis import load, make_analyzer, model_options, out, rich_prog
 from sith.engine.errors import InvalidInput
 from sith.engine.jointspace import DEFAULT_IMAGE_MEAN
 
-ACTIONS = ("suppress", "amplify", "flip", "scale")
+ACTIONS = ("suppress", "amplify", "flip", "scale", "debias")
 # Must list sith.edits.operators.OPERATORS (not imported here: the CLI starts without torch);
 # tests/test_edits_operators.py checks they agree.
 OPERATOR_CHOICES = ("auto", "head_mlp_orthogonal", "head_mlp_project", "head_project", "sith_scale", "head_ablation",
@@ -27,11 +27,15 @@ def _spec_options(func):
         click.option("--operator", type=click.Choice(OPERATOR_CHOICES), default="auto", show_default=True,
                      help="How the model is changed (docs/edits.md); auto = head_mlp_orthogonal."),
         click.option("--target", type=float, default=None,
-                     help="Goal: suppress to this predicted presence (default 0.15, corrected for the concept's prior), "
+                     help="Goal: suppress to this predicted presence (default 0.15, corrected for the concept's prior; "
+                          "debias: default 0.25), "
                           "amplify by this factor."),
         click.option("--preserve", "preserve", multiple=True, help="Concept that must not move (repeatable)."),
         click.option("--no-preserve-neighbours", is_flag=True,
                      help="Do not protect the concept's dictionary neighbours (e.g. the other colours)."),
+        click.option("--anchor", default="auto", show_default=True,
+                     help="Concept that takes over part of what a suppress removes (red -> orange keeps the "
+                          "colours mixed with red); auto = the nearest preserved neighbour, none = off."),
         click.option("--strength", type=float, default=None,
                      help="α (expert; default: solved for the target, or suppress 0 / amplify 1.5 / flip -1 "
                           "with --top)."),
@@ -59,7 +63,7 @@ def _load(model_name, pretrained, checkpoint, config, spec_model: str | None, de
 
 
 def _inline_spec(model: str, concepts, action, strength, top, threshold, vectors, layers, operator="auto",
-                 target=None, preserve=(), no_preserve_neighbours=False):
+                 target=None, preserve=(), no_preserve_neighbours=False, anchor="auto"):
     from sith.edits.spec import EditSpec
 
     if not concepts:
@@ -80,7 +84,7 @@ def _inline_spec(model: str, concepts, action, strength, top, threshold, vectors
             raise InvalidInput("--vector", f"expected LAYER,HEAD,INDEX, got {vectors!r}") from None
     op = {"concepts": list(concepts), "action": action, "strength": strength, "select": select,
           "operator": operator, "target": target, "preserve": list(preserve),
-          "preserve_neighbours": not no_preserve_neighbours}
+          "preserve_neighbours": not no_preserve_neighbours, "anchor": anchor}
     if layers:
         try:
             op["layers"] = [int(x) for x in layers.split(",")]
@@ -100,7 +104,7 @@ def _plan(opts: dict):
     if spec is None:
         spec = _inline_spec(loaded.name, opts["concepts"], opts["action"], opts["strength"], opts["top"],
                             opts["threshold"], opts["vectors"], opts["layers"], opts["operator"], opts["target"],
-                            opts["preserve"], opts["no_preserve_neighbours"])
+                            opts["preserve"], opts["no_preserve_neighbours"], opts["anchor"])
     progress = rich_progress()
     analyzer = make_analyzer(loaded, opts["dictionary"], opts["image_mean"], opts["device"], opts["no_cache"], progress)
     with progress:
@@ -269,8 +273,10 @@ def summary_lines(manifest: dict) -> list[str]:
             strength = f", α {op['strength']:g}" if op.get("strength") is not None else ""
             keep = f", preserving {', '.join(op['preserve'])}" if op.get("preserve") else ""
             neighbours = " (+ dictionary neighbours)" if op.get("preserve_neighbours", False) else ""
+            anchor = f", anchor {op['anchor']}" if op.get("anchor", "auto") != "auto" else ""
             lines.append(f"  operation {i}: {op.get('action')} {', '.join(op.get('concepts', []))} with "
-                         f"{op.get('operator', 'sith_scale')}{goal}{strength}{keep}{neighbours}")
+                         f"{op.get('operator', 'sith_scale')}{goal}{strength}{keep}{neighbours}{anchor}")
+        lines += [f"  note: {n}" for n in manifest.get("notes") or [] if "anchored to" in n]
     else:
         source = manifest.get("source") or manifest.get("reverted_from")
         lines.append(f"  no spec (re-applied or reverted{f' from {source}' if source else ''})")

@@ -15,9 +15,12 @@ edited model's own SVD no longer name the same directions. Keeping α indexed by
 Beyond the paper, an edit may also carry **rank-one write maps** (operators.py): a writer (a head,
 a block's MLP output, or the output projection) gets W ← W T with T = I − (1 − a) u vᵀ, vᵀu = 1 (row-vector form: the
 write w becomes w T, so its component along u is multiplied by a and the change lies along v).
+An *anchored* map (plan.py: what is removed is partly re-written along an anchor concept) has
+v = v₀ − κ â, so vᵀu = c lies in [0, 2] instead of 1.
 They are stored after the α (per writer, in application order) and follow the same rules:
-compose = the lists concatenated (a's maps, then b's), inverse = the lists reversed with a → 1/a
-(refused for a = 0), revert = apply nothing. The (u, v) pairs are stored once and shared by every
+compose = the lists concatenated (a's maps, then b's), inverse = the lists reversed with
+a → 1 + (1 − a) / (1 − (1 − a) c) (Sherman–Morrison; 1/a when c = 1; refused where T is singular,
+such as a = 0 with c = 1), revert = apply nothing. The (u, v) pairs are stored once and shared by every
 writer of an operation, which keeps an all-heads edit of a large tower small.
 """
 
@@ -39,8 +42,9 @@ FORMAT = "sith-multipliers"
 FORMAT_VERSION = 1
 UNIT_TOLERANCE = 1e-6
 SITES = ("head", "mlp", "output")
-# vᵀu must be 1 for T = I − (1 − a) u vᵀ to scale u by exactly a.
+# vᵀu must be 1 for T = I − (1 − a) u vᵀ to scale u by exactly a; an anchored map's lies in [0, 2].
 PAIR_TOLERANCE = 1e-6
+MAX_PAIR_PRODUCT = 2.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,9 @@ class Multipliers:
             v = torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(-1).clone()
             if u.shape != v.shape or not (torch.isfinite(u).all() and torch.isfinite(v).all()):
                 raise InvalidInput("multipliers", f"write-map pair {i}: u and v must be finite and of equal length")
-            if abs(float(v @ u) - 1.0) > PAIR_TOLERANCE:
-                raise InvalidInput("multipliers", f"write-map pair {i}: vᵀu = {float(v @ u):.6g}, expected 1")
+            if not -PAIR_TOLERANCE <= float(v @ u) <= MAX_PAIR_PRODUCT + PAIR_TOLERANCE:
+                raise InvalidInput("multipliers", f"write-map pair {i}: vᵀu = {float(v @ u):.6g}, expected 1 (or "
+                                   f"within [0, {MAX_PAIR_PRODUCT:g}] for an anchored map)")
             self.pairs.append((u, v))
         self.maps: list[WriteMap] = []
         for m in maps or []:
@@ -230,11 +235,14 @@ class Multipliers:
                 h, j = zero[0]
                 raise InvalidInput("multipliers", f"cannot invert: layer {layer} head {h} vector {j} has α = 0 "
                                    f"({len(zero)} such vector(s)); revert by re-applying to the base model")
-        for m in self.maps:
-            if m.alpha == 0:
+        maps = []
+        for m in reversed(self.maps):
+            u, v = self.pairs[m.pair]
+            denominator = 1.0 - (1.0 - m.alpha) * float(v @ u)  # T = I − (1 − a) u vᵀ is singular at 0
+            if abs(denominator) < PAIR_TOLERANCE:
                 raise InvalidInput("multipliers", f"cannot invert: the write map on {m.writer} removes its "
-                                   "direction (a = 0); revert by re-applying to the base model")
-        maps = [WriteMap(m.site, m.layer, m.head, m.pair, 1.0 / m.alpha) for m in reversed(self.maps)]
+                                   f"direction (a = {m.alpha:g}); revert by re-applying to the base model")
+            maps.append(WriteMap(m.site, m.layer, m.head, m.pair, 1.0 + (1.0 - m.alpha) / denominator))
         return Multipliers({layer: 1.0 / alpha for layer, alpha in self.values.items()}, self.model_hash,
                            self.pairs, maps)
 

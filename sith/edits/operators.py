@@ -89,6 +89,9 @@ OPERATORS: dict[str, OperatorInfo] = {
     )
 }
 DEFAULT_OPERATOR = "head_mlp_orthogonal"
+# Operators that write the same rank-one map into every head and MLP (head_project: heads only); their
+# maps can also carry an anchor (plan.anchor_for).
+PROJECTIONS = ("head_mlp_orthogonal", "head_mlp_project", "head_project")
 AUTO = "auto"
 
 

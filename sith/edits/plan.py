@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from sith.edits.multipliers import Multipliers, WriteMap
-from sith.edits.operators import (Geometry, orthogonal_pair, predicted_presence, preserving_pair, solve_uniform_alpha,
-                                  tower_writers)
+from sith.edits.operators import (PROJECTIONS, Geometry, orthogonal_pair, predicted_presence, preserving_pair,
+                                  solve_uniform_alpha, tower_writers)
 from sith.edits.relevance import DictionaryJudge, Judge, VectorSet, select
-from sith.edits.spec import MAX_ABS_STRENGTH, EditSpec, Operation, default_strength, top_n
+from sith.edits.spec import MAX_ABS_STRENGTH, SUPPRESSING, EditSpec, Operation, default_strength, top_n
 from sith.engine.decomposition import LayerSVD, resolve_layers
 from sith.engine.errors import InvalidInput
 
@@ -42,8 +42,6 @@ DEFAULT_PRESERVE_WEIGHT = 2.0
 # λ = 2 missed red's removal on testbed-main at the default target (15.6 % recall), and the lower
 # targets kept less of everything else at either λ.
 ORTHOGONAL_PRESERVE_WEIGHT = 1.0
-# Operators that write the same rank-one map into every head and MLP (head_project: heads only).
-PROJECTIONS = ("head_mlp_orthogonal", "head_mlp_project", "head_project")
 # λ_o: the second, weaker preservation term of the same operators for every *other* dictionary
 # concept (``other_concepts``), weighted by their second-moment matrix (operators.preserving_pair),
 # so it means the same for any vocabulary size. Beyond the paper (UCE-style). Off by default: on
@@ -51,6 +49,14 @@ PROJECTIONS = ("head_mlp_orthogonal", "head_mlp_project", "head_project")
 # factor's other values and costs the water/land debias its gain; docs/edits.md, "Frontier",
 # experiments/preserve_others_sweep.py).
 DEFAULT_PRESERVE_OTHERS_WEIGHT = 0.0
+# κ of an anchored map (``anchor_for``; beyond the paper, UCE-style): the share of what a projection
+# removes along the concept that it re-writes along the anchor concept's direction,
+# T = I − (1 − α) u (v − κ â)ᵀ. Mapping "red" partly onto "orange" keeps the colours that are mixtures
+# with red (orange ≈ red + yellow, pink ≈ red + white) from falling into their other component.
+# Chosen on validation seeds with the default target (experiments/frontier.py, ``default_target_choice``).
+ANCHOR_WEIGHT = 0.25
+# An automatic anchor must be at least this close (centred cosine) to the concept.
+ANCHOR_MIN_COSINE = NEIGHBOUR_MIN_COSINE
 # A preserved concept whose predicted presence moves by more than this is reported in the warnings.
 PRESERVE_WARNING = 0.10
 # Prior correction of a suppress target (docs/edits.md, "Predicted presence"): the planner aims at
@@ -174,6 +180,7 @@ class EditPlan:
             "heads": [h.to_dict() for h in self.heads],
             "predicted": [e.to_dict() for e in self.predicted],
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
             "multipliers": self.multipliers.to_manifest(),
         }
 
@@ -285,6 +292,37 @@ def preserved_concepts(spec: EditSpec, i: int, dictionary) -> list[str]:
     return [c for c in dict.fromkeys(out) if c not in edited]
 
 
+def anchor_for(spec: EditSpec, i: int, concept: str, preserved: Sequence[str], dictionary) -> str | None:
+    """The concept that takes over part of what operation ``i`` removes along ``concept``, or None.
+
+    An explicit ``anchor`` is used as given (an unknown name fails with suggestions). "auto" anchors
+    only the default removal (action suppress, operator head_mlp_orthogonal): the preserved concept
+    nearest to ``concept`` by centred cosine, if at least ANCHOR_MIN_COSINE (red → orange on the
+    testbed). A debias, another operator or "none" gets no anchor.
+    """
+    op = spec.operations[i]
+    if op.anchor == "none":
+        return None
+    if op.anchor != "auto":
+        try:
+            _known(dictionary, [op.anchor], f"operations[{i}].anchor")
+        except InvalidInput as exc:
+            raise InvalidInput(f"operations[{i}].anchor", exc.reason, exc.suggestions) from None
+        return op.anchor
+    if op.action != "suppress" or op.operator != "head_mlp_orthogonal":
+        return None
+    edited = {c for o in spec.operations for c in o.concepts}
+    candidates = [c for c in preserved if c not in edited]
+    if not candidates:
+        return None
+    centred = dictionary.centred.double()
+    centred = centred / centred.norm(dim=-1, keepdim=True)
+    own = centred[dictionary.index(concept)]
+    cosine = {c: float(centred[dictionary.index(c)] @ own) for c in candidates}
+    best = max(candidates, key=lambda c: (cosine[c], c))
+    return best if cosine[best] >= ANCHOR_MIN_COSINE else None
+
+
 def other_concepts(spec: EditSpec, i: int, dictionary, preserved: Sequence[str]) -> list[str]:
     """The concepts the second, weaker preservation term protects (``preserve_others_weight``):
     every dictionary concept that is not edited by the spec, not already preserved, not a value of
@@ -328,7 +366,7 @@ def _writer_map(layer: int, head: int, pair: int, alpha: float) -> WriteMap:
 
 
 def _meets(action: str, presence: float, target: float) -> bool:
-    return presence <= target + 1e-9 if action in ("suppress", "flip") else presence >= target - 1e-9
+    return presence <= target + 1e-9 if action in (*SUPPRESSING, "flip") else presence >= target - 1e-9
 
 
 class _Planner:
@@ -336,11 +374,12 @@ class _Planner:
 
     def __init__(self, spec: EditSpec, decomposition, vectors: VectorSet | None, layers_per_op, joint, dictionary,
                  judge: Judge, geometry: Geometry, preserve_weight: float,
-                 preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT) -> None:
+                 preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT,
+                 anchor_weight: float = ANCHOR_WEIGHT) -> None:
         self.spec, self.decomposition, self.vectors = spec, decomposition, vectors
         self.layers_per_op, self.joint, self.dictionary, self.judge = layers_per_op, joint, dictionary, judge
         self.geometry, self.preserve_weight = geometry, preserve_weight
-        self.preserve_others_weight = preserve_others_weight
+        self.preserve_others_weight, self.anchor_weight = preserve_others_weight, anchor_weight
         self.values = {layer: torch.ones_like(svd.S, dtype=torch.float32).cpu() for layer, svd in decomposition.items()}
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.maps: list[WriteMap] = []
@@ -391,7 +430,7 @@ class _Planner:
         """The presence the planner aims at: a suppress target lowered by the concept's prior (a concept
         the tower leans to without evidence must lose more of its writes), never below 0."""
         target = float(op.target)
-        if op.action != "suppress":
+        if op.action not in SUPPRESSING:
             return target
         prior = self.geometry.prior_score(concept, preserve)
         aimed = target - PRIOR_WEIGHT * prior
@@ -443,6 +482,18 @@ class _Planner:
         self.pairs.append((form or preserving_pair)(u, stacked, lam, rest, self.preserve_others_weight))
         return len(self.pairs) - 1
 
+    def _anchor(self, i: int, op: Operation, concept: str, preserve: list[str], pair: int) -> None:
+        """Re-write a share κ (``anchor_weight``) of what pair ``pair`` removes along the anchor's direction
+        (``anchor_for``): v ← v − κ â. Nothing without an anchor or with κ = 0."""
+        anchor = anchor_for(self.spec, i, concept, preserve, self.dictionary)
+        if anchor is None or self.anchor_weight <= 0:
+            return
+        direction = self.geometry.residual_direction(anchor)
+        u, v = self.pairs[pair]
+        self.pairs[pair] = (u, v - self.anchor_weight * direction / direction.norm())
+        self.notes.append(f"operations[{i}]: {concept!r} is anchored to {anchor!r}: a share {self.anchor_weight:g} "
+                          f"of what the maps remove is re-written along {anchor!r}'s direction")
+
     def _other_directions(self, i: int, preserve: list[str], joint_space: bool) -> list[Tensor]:
         """The other concepts' directions (``other_concepts``); none when λ_o = 0."""
         if self.preserve_others_weight <= 0:
@@ -478,9 +529,10 @@ class _Planner:
             ranked = [lh for lh in ranked if share[lh] > 0]
             target = self.target_for(i, op, concept, preserve) if op.target is not None else None
             if op.operator == "head_mlp_orthogonal" and self._orthogonal(i, op, concept, u, keep, others, ranked,
-                                                                         share, target):
+                                                                         share, target, preserve):
                 continue
             pair = self._pair(u, keep, others)
+            self._anchor(i, op, concept, preserve, pair)
             chosen, alpha = self._writers_and_alpha(i, op, ranked, share, target)
             if not chosen:
                 continue
@@ -496,16 +548,18 @@ class _Planner:
                 layer, head, -1, share[(layer, head)], alpha, share[(layer, head)], i, [(concept, 1.0)], form)
 
     def _orthogonal(self, i: int, op: Operation, concept: str, u: Tensor, keep: list[Tensor], others: list[Tensor],
-                    ranked: list[tuple[int, int]], share: dict, target: float | None) -> bool:
+                    ranked: list[tuple[int, int]], share: dict, target: float | None, preserve: list[str]) -> bool:
         """head_mlp_orthogonal's symmetric map on every ranked writer, α solved on the predicted
         presence; False (nothing added, a note says why) where head_mlp_project's form must do it."""
-        if op.action != "suppress" or op.select.rule != "auto" or op.strength is not None or target is None:
+        if op.action not in SUPPRESSING or op.select.rule != "auto" or op.strength is not None or target is None:
             self.notes.append(f"operations[{i}]: {concept!r}: head_mlp_orthogonal's symmetric map is for suppressing "
                               "with the planner's writers and strength; this operation uses head_mlp_project's form")
             return False
         if not ranked:
             return False  # _writers_and_alpha raises the "no head writes along" error
         pair = self._pair(u, keep, others, orthogonal_pair, ORTHOGONAL_PRESERVE_WEIGHT)
+        notes = len(self.notes)
+        self._anchor(i, op, concept, preserve, pair)
 
         def presence(alpha: float) -> float:
             maps = [_writer_map(layer, h, pair, alpha) for layer, h in ranked]
@@ -515,6 +569,7 @@ class _Planner:
         floor, untouched = presence(0.0), presence(1.0)
         if floor > target + 1e-9 or untouched - floor <= 1e-12:
             self.pairs.pop()
+            del self.notes[notes:]  # the one-sided form anchors its own pair
             self.notes.append(f"operations[{i}]: {concept!r}: the symmetric map reaches presence {floor:.3f} at "
                               f"most (aimed {target:.3f}); this concept uses head_mlp_project's form")
             return False
@@ -569,7 +624,7 @@ class _Planner:
         return chosen, alpha
 
     def _head_ablation(self, i: int, op: Operation, preserve: list[str]) -> None:
-        if op.action != "suppress":
+        if op.action not in SUPPRESSING:
             raise InvalidInput(f"operations[{i}].operator", "head_ablation only suppresses (it zeroes whole heads)")
         heads = self._heads(i)
         gs = [self.geometry.residual_direction(c) for c in op.concepts]
@@ -614,7 +669,7 @@ class _Planner:
             raise InvalidInput(f"operations[{i}].select", "output_projection edits one writer (visual.proj); "
                                "it takes the auto rule only")
         alpha = float(op.target) if op.target is not None else self._strength(op)
-        if op.action == "suppress":
+        if op.action in SUPPRESSING:
             self.warnings.append(f"[uncalibrated] operations[{i}]: output_projection's predicted presence is the share "
                                  f"of the text direction of {', '.join(op.concepts)} left in the embedding, not a "
                                  "prediction of recognition: on the testbed, predicted presence 0.1 removed a shape "
@@ -687,11 +742,11 @@ class _Planner:
 
 def _limit(action: str) -> float:
     """The furthest α an operator may go for an action (suppress: remove; flip/amplify: the bound)."""
-    return {"suppress": 0.0, "flip": -MAX_ABS_STRENGTH, "amplify": MAX_ABS_STRENGTH}.get(action, 1.0)
+    return {"suppress": 0.0, "debias": 0.0, "flip": -MAX_ABS_STRENGTH, "amplify": MAX_ABS_STRENGTH}.get(action, 1.0)
 
 
 def _in_range(action: str, alpha: float) -> bool:
-    if action == "suppress":
+    if action in SUPPRESSING:
         return 0.0 <= alpha < 1.0
     if action == "amplify":
         return 1.0 < alpha <= MAX_ABS_STRENGTH
@@ -704,7 +759,8 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
                       vectors: VectorSet | None, layers_per_op: list[list[int]], joint, dictionary,
                       judge: Judge | None = None, *, tower: dict[int, LayerSVD] | None = None,
                       preserve_weight: float = DEFAULT_PRESERVE_WEIGHT,
-                      preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT, model=None) -> EditPlan:
+                      preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT, model=None,
+                      anchor_weight: float = ANCHOR_WEIGHT) -> EditPlan:
     """Plan every operation, resolve conflicts, build the edit and the preview.
 
     ``tower`` is the decomposition of every layer (predicted presence sums over the whole tower);
@@ -712,15 +768,19 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
     the prior (operators.tower_writers) to the geometry; without it only heads are known and
     head_mlp_project and head_mlp_orthogonal are refused. ``preserve_weight`` (λ) weighs the
     preserved concepts, ``preserve_others_weight`` (λ_o) every other concept (``other_concepts``) in
-    the projections' closed form (operators.preserving_pair); both must be finite and >= 0."""
+    the projections' closed form (operators.preserving_pair); both must be finite and >= 0.
+    ``anchor_weight`` (κ, in [0, 1]) is the share an anchored map re-writes along its anchor."""
     spec.validate()
     preserve_weight = _weight("preserve_weight", preserve_weight)
     preserve_others_weight = _weight("preserve_others_weight", preserve_others_weight)
+    anchor_weight = _weight("anchor_weight", anchor_weight)
+    if anchor_weight > 1.0:
+        raise InvalidInput("anchor_weight", f"must be <= 1 (re-write at most what is removed), got {anchor_weight:g}")
     judge = judge or DictionaryJudge(dictionary)
     mlp, prior = tower_writers(model) if model is not None else (None, None)
     geometry = Geometry(joint, dictionary, tower or decomposition, mlp, prior)
     planner = _Planner(spec, decomposition, vectors, layers_per_op, joint, dictionary, judge, geometry,
-                       preserve_weight, preserve_others_weight)
+                       preserve_weight, preserve_others_weight, anchor_weight)
     preserved: list[list[str]] = []
     for i, op in enumerate(spec.operations):
         if isinstance(judge, DictionaryJudge) or op.operator != "sith_scale":
@@ -804,7 +864,8 @@ def _alignment(spec, decomposition, multipliers, heads: list[HeadChange], joint,
 def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: str = "comp",
               k: int = EXPLANATION_K, coherence: float | None = None,
               preserve_weight: float = DEFAULT_PRESERVE_WEIGHT,
-              preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT) -> EditPlan:
+              preserve_others_weight: float = DEFAULT_PRESERVE_OTHERS_WEIGHT,
+              anchor_weight: float = ANCHOR_WEIGHT) -> EditPlan:
     """Plan ``spec`` on the analyzer's model: decomposition, COMP codes (for sith_scale),
     selection, preview.
 
@@ -832,4 +893,5 @@ def plan_edit(analyzer, spec: EditSpec, judge: Judge | None = None, *, method: s
     return plan_from_vectors(spec, loaded.name, loaded.hash, decomposition, vectors, layers_per_op,
                              analyzer.joint, analyzer.dictionary, judge, tower=tower,
                              preserve_weight=preserve_weight, preserve_others_weight=preserve_others_weight,
+                             anchor_weight=anchor_weight,
                              model=loaded.model)

@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sith.edits.operators import resolve_operator
+from sith.edits.operators import PROJECTIONS, resolve_operator
 from sith.engine.errors import InvalidInput
 
 SPEC_VERSION = 1
-ACTIONS = ("suppress", "amplify", "flip", "scale")
+ACTIONS = ("suppress", "amplify", "flip", "scale", "debias")
+# Actions that lower the named concepts' presence to a level in [0, 1): "debias" is "suppress" with a
+# milder default goal (a debias needs the tower to stop relying on a concept, not to stop seeing it).
+SUPPRESSING = ("suppress", "debias")
 RULES = ("auto", "top_n", "threshold", "explicit")
 CONFLICT_RULES = ("reject", "last_wins")
 # |α| above this stops being an "edit" and starts dominating the residual stream; the bound also
@@ -28,14 +31,20 @@ MAX_TOP_N = 100_000
 # Default goals of a target-driven operation (predicted presence, operators.predicted_presence).
 # The suppress level is chosen on validation seeds by experiments/frontier.py's rule
 # (``default_target_choice``): the default operator's target that removes every testbed concept
-# with 95 % confidence (Wilson bound of the recall ≤ 15 %) and meets the debias, then keeps the most
-# of everything else. 0.15 since 2026-11-29 (0.2 before: its removal of red on testbed-main was
+# with 95 % confidence (Wilson bound of the recall ≤ 15 %), then keeps the most of everything else.
+# 0.15 since 2026-11-29 (0.2 before: its removal of red on testbed-main was
 # within the noise of a 45-image validation split; docs/edits.md "Frontier").
 DEFAULT_SUPPRESS_TARGET = 0.15
+# The debias level, chosen by the same rule over the water/land debias of both testbed models alone
+# (``default_target_choice(..., kind="debias")``): meets the worst-group gain on both and keeps the
+# most of the other factors. Since 2026-11-29 (before, a debias was a suppress at its target).
+DEFAULT_DEBIAS_TARGET = 0.25
 DEFAULT_FLIP_TARGET = -1.0
 MAX_PRESERVE = 256
+# ``anchor`` values that are not a concept name: the planner's rule, or no anchor.
+ANCHOR_RULES = ("auto", "none")
 
-Action = Literal["suppress", "amplify", "flip", "scale"]
+Action = Literal["suppress", "amplify", "flip", "scale", "debias"]
 Rule = Literal["auto", "top_n", "threshold", "explicit"]
 
 
@@ -135,7 +144,7 @@ def explicit(vectors: list[tuple[int, int, int]]) -> Selection:
 
 
 def default_strength(action: str) -> float | None:
-    return {"suppress": 0.0, "amplify": DEFAULT_AMPLIFY, "flip": -1.0}.get(action)
+    return {"suppress": 0.0, "debias": 0.0, "amplify": DEFAULT_AMPLIFY, "flip": -1.0}.get(action)
 
 
 @dataclass
@@ -149,11 +158,15 @@ class Operation:
 
     Target-driven (``select.rule == "auto"``, or an explicit rule with a ``target``): the planner
     picks writers and/or solves α until the concept's predicted presence reaches ``target``
-    (suppress: a level in [0, 1), default 0.2, aimed lower or higher by the concept's prior;
+    (suppress: a level in [0, 1), default 0.15, aimed lower or higher by the concept's prior;
+    debias: the same with default 0.25;
     amplify: a factor > 1, default the strength or 1.5;
     flip: a level < 0, default −1). With an explicit rule and no target, α defaults as before
     (suppress 0, amplify 1.5, flip −1): the expert override. ``preserve`` names concepts the plan
     must not move; ``preserve_neighbours`` adds the concepts' dictionary neighbours (plan.py).
+    ``anchor`` (suppress and debias with a projection operator): a concept that takes over a share
+    of what the edit removes, as UCE maps an erased concept onto an anchor concept; "auto" lets the
+    planner choose (plan.py, ``anchor_for``), "none" turns it off.
     """
 
     concepts: list[str]
@@ -165,6 +178,7 @@ class Operation:
     target: float | None = None
     preserve: list[str] = field(default_factory=list)
     preserve_neighbours: bool = True
+    anchor: str = "auto"
 
     @property
     def target_driven(self) -> bool:
@@ -183,6 +197,7 @@ class Operation:
         if not isinstance(self.select, Selection):
             raise InvalidInput(f"{field_name}.select", "expected a Selection")
         self._check_preserve(field_name)
+        self._check_anchor(f"{field_name}.anchor")
         explicit_strength = self.strength is not None
         if self.strength is not None or self.action == "scale" or self.select.rule != "auto" and self.target is None:
             self.strength = self._checked_strength(f"{field_name}.strength")
@@ -222,9 +237,24 @@ class Operation:
                 cleaned.append(concept)
         self.preserve = cleaned
 
+    def _check_anchor(self, field_name: str) -> None:
+        if not isinstance(self.anchor, str) or not self.anchor.strip():
+            raise InvalidInput(field_name, f"expected a concept name, 'auto' or 'none', got {self.anchor!r}")
+        self.anchor = self.anchor.strip()
+        if self.anchor in ANCHOR_RULES:
+            return
+        if self.anchor in self.concepts:
+            raise InvalidInput(field_name, f"contradictory goals: {self.anchor!r} is both edited and the anchor "
+                               "that takes over what the edit removes")
+        if self.action not in SUPPRESSING or self.operator not in PROJECTIONS:  # their maps can carry an anchor
+            raise InvalidInput(field_name, f"an anchor concept needs action suppress or debias and one of the "
+                               f"operators {list(PROJECTIONS)}; this operation is {self.action} with "
+                               f"{self.operator}")
+
     def _default_target(self, field_name: str) -> float | None:
-        if self.action == "suppress":
-            return DEFAULT_SUPPRESS_TARGET if self.strength is None or self.strength == 0 else self.strength
+        if self.action in SUPPRESSING:
+            level = DEFAULT_SUPPRESS_TARGET if self.action == "suppress" else DEFAULT_DEBIAS_TARGET
+            return level if self.strength is None or self.strength == 0 else self.strength
         if self.action == "amplify":
             return self.strength if self.strength is not None else DEFAULT_AMPLIFY
         if self.action == "flip":
@@ -235,6 +265,7 @@ class Operation:
         value = _finite(self.target, field_name)
         rules = {
             "suppress": (0.0 <= value < 1.0, "suppress needs a target presence 0 <= target < 1"),
+            "debias": (0.0 <= value < 1.0, "debias needs a target presence 0 <= target < 1"),
             "amplify": (1.0 < value <= MAX_ABS_STRENGTH,
                         f"amplify needs a target factor 1 < target <= {MAX_ABS_STRENGTH:g}"),
             "flip": (-MAX_ABS_STRENGTH <= value < 0.0,
@@ -257,6 +288,7 @@ class Operation:
             raise InvalidInput(field_name, f"|strength| must be <= {MAX_ABS_STRENGTH:g}, got {value:g}")
         rules = {
             "suppress": (0.0 <= value < 1.0, "suppress needs 0 <= strength < 1 (0 removes the vectors)"),
+            "debias": (0.0 <= value < 1.0, "debias needs 0 <= strength < 1 (0 removes the vectors)"),
             "amplify": (value > 1.0, "amplify needs strength > 1"),
             "flip": (value < 0.0, "flip needs a negative strength (-1 mirrors the vectors)"),
         }
@@ -276,6 +308,7 @@ class Operation:
             "select": self.select.to_dict(),
             "preserve": list(self.preserve),
             "preserve_neighbours": self.preserve_neighbours,
+            "anchor": self.anchor,
         }
 
     @classmethod
@@ -283,19 +316,21 @@ class Operation:
         if not isinstance(d, dict):
             raise InvalidInput(field_name, f"expected an object, got {type(d).__name__}")
         _known_keys(d, {"concepts", "action", "operator", "strength", "target", "layers", "select", "preserve",
-                        "preserve_neighbours"}, field_name)
+                        "preserve_neighbours", "anchor"}, field_name)
         concepts = d.get("concepts")
         if isinstance(concepts, str):
             concepts = [concepts]
         select = Selection.from_dict(d.get("select", {"rule": "auto"}), f"{field_name}.select")
         op = cls(concepts=concepts, action=d.get("action", "suppress"), strength=d.get("strength"),
                  layers=d.get("layers"), select=select, operator=d.get("operator", "auto"), target=d.get("target"),
-                 preserve=d.get("preserve", []), preserve_neighbours=d.get("preserve_neighbours", True))
+                 preserve=d.get("preserve", []), preserve_neighbours=d.get("preserve_neighbours", True),
+                 anchor=d.get("anchor", "auto"))
         op.validate(field_name)
         return op
 
 
-_DIRECTION = {"suppress": "down", "amplify": "up", "flip": "down", "scale": "scale"}
+_DIRECTION = {"suppress": "down", "debias": "down", "amplify": "up", "flip": "down", "scale": "scale"}
+_PAST = {"suppress": "suppressed", "debias": "debiased", "amplify": "amplified", "flip": "flipped", "scale": "scaled"}
 
 
 def _check_contradictions(operations: list[Operation]) -> None:
@@ -306,14 +341,18 @@ def _check_contradictions(operations: list[Operation]) -> None:
             if concept in edited and _DIRECTION[edited[concept][1]] != _DIRECTION[op.action]:
                 k, action = edited[concept]
                 raise InvalidInput(f"operations[{i}].concepts[{j}]", f"contradictory goals: {concept!r} is "
-                                   f"{action}ed by operations[{k}] and {op.action}ed here")
+                                   f"{_PAST[action]} by operations[{k}] and {_PAST[op.action]} here")
             edited.setdefault(concept, (i, op.action))
     for i, op in enumerate(operations):
         for j, concept in enumerate(op.preserve):
             if concept in edited and edited[concept][0] != i:
                 k, action = edited[concept]
                 raise InvalidInput(f"operations[{i}].preserve[{j}]", f"contradictory goals: {concept!r} is preserved "
-                                   f"here but {action}ed by operations[{k}]")
+                                   f"here but {_PAST[action]} by operations[{k}]")
+        if op.anchor in edited and edited[op.anchor][0] != i:
+            k, action = edited[op.anchor]
+            raise InvalidInput(f"operations[{i}].anchor", f"contradictory goals: {op.anchor!r} is the anchor here "
+                               f"but {_PAST[action]} by operations[{k}]")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sith.edits import spec as library
 from sith_api.v1 import sith_pb2 as pb
 
 ACTIONS = {pb.EditOperation.SUPPRESS: "suppress", pb.EditOperation.AMPLIFY: "amplify",
-           pb.EditOperation.FLIP: "flip", pb.EditOperation.SCALE: "scale"}
+           pb.EditOperation.FLIP: "flip", pb.EditOperation.SCALE: "scale", pb.EditOperation.DEBIAS: "debias"}
 RULES = {pb.Selection.TOP_N: "top_n", pb.Selection.THRESHOLD: "threshold", pb.Selection.EXPLICIT: "explicit",
          pb.Selection.AUTO: "auto", pb.Selection.RULE_UNSPECIFIED: "auto"}
 CONFLICTS = {pb.EditSpec.CONFLICTS_UNSPECIFIED: "reject", pb.EditSpec.REJECT: "reject",
@@ -50,6 +50,8 @@ def _operation(op: pb.EditOperation) -> dict[str, Any]:
         d["preserve"] = list(op.preserve)
     if op.HasField("preserve_neighbours"):
         d["preserve_neighbours"] = op.preserve_neighbours
+    if op.anchor:
+        d["anchor"] = op.anchor
     return d
 
 
@@ -66,7 +68,7 @@ def to_library(spec: pb.EditSpec, model: str) -> library.EditSpec:
         if op.action not in ACTIONS:
             from sith.engine.errors import InvalidInput
 
-            raise InvalidInput(f"operations[{i}].action", "set an action: SUPPRESS, AMPLIFY, FLIP or SCALE")
+            raise InvalidInput(f"operations[{i}].action", "set an action: SUPPRESS, DEBIAS, AMPLIFY, FLIP or SCALE")
     return library.EditSpec.from_dict(to_dict(spec, model))
 
 
@@ -84,7 +86,7 @@ def from_library(spec: library.EditSpec) -> pb.EditSpec:
                               vectors=[pb.VectorRef(layer=a, head=b, index=c) for a, b, c in op.select.vectors or []])
         message = out.operations.add(concepts=op.concepts, action=actions[op.action], layers=op.layers or [],
                                      select=select, operator=op.operator, preserve=op.preserve,
-                                     preserve_neighbours=op.preserve_neighbours)
+                                     preserve_neighbours=op.preserve_neighbours, anchor=op.anchor)
         if op.strength is not None:
             message.strength = op.strength
         if op.target is not None:

@@ -322,7 +322,7 @@ class EditSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[EditOperation, _Mapping]]] = ..., version: _Optional[int] = ..., conflicts: _Optional[_Union[EditSpec.Conflicts, str]] = ...) -> None: ...
 
 class EditOperation(_message.Message):
-    __slots__ = ("concepts", "action", "strength", "layers", "select", "operator", "target", "preserve", "preserve_neighbours")
+    __slots__ = ("concepts", "action", "strength", "layers", "select", "operator", "target", "preserve", "preserve_neighbours", "anchor")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[EditOperation.Action]
@@ -330,11 +330,13 @@ class EditOperation(_message.Message):
         AMPLIFY: _ClassVar[EditOperation.Action]
         FLIP: _ClassVar[EditOperation.Action]
         SCALE: _ClassVar[EditOperation.Action]
+        DEBIAS: _ClassVar[EditOperation.Action]
     ACTION_UNSPECIFIED: EditOperation.Action
     SUPPRESS: EditOperation.Action
     AMPLIFY: EditOperation.Action
     FLIP: EditOperation.Action
     SCALE: EditOperation.Action
+    DEBIAS: EditOperation.Action
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +346,7 @@ class EditOperation(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PRESERVE_FIELD_NUMBER: _ClassVar[int]
     PRESERVE_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     concepts: _containers.RepeatedScalarFieldContainer[str]
     action: EditOperation.Action
     strength: float
@@ -353,7 +356,8 @@ class EditOperation(_message.Message):
     target: float
     preserve: _containers.RepeatedScalarFieldContainer[str]
     preserve_neighbours: bool
-    def __init__(self, concepts: _Optional[_Iterable[str]] = ..., action: _Optional[_Union[EditOperation.Action, str]] = ..., strength: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., select: _Optional[_Union[Selection, _Mapping]] = ..., operator: _Optional[str] = ..., target: _Optional[float] = ..., preserve: _Optional[_Iterable[str]] = ..., preserve_neighbours: _Optional[bool] = ...) -> None: ...
+    anchor: str
+    def __init__(self, concepts: _Optional[_Iterable[str]] = ..., action: _Optional[_Union[EditOperation.Action, str]] = ..., strength: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., select: _Optional[_Union[Selection, _Mapping]] = ..., operator: _Optional[str] = ..., target: _Optional[float] = ..., preserve: _Optional[_Iterable[str]] = ..., preserve_neighbours: _Optional[bool] = ..., anchor: _Optional[str] = ...) -> None: ...
 
 class Selection(_message.Message):
     __slots__ = ("rule", "n", "threshold", "vectors")

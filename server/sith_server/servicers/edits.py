@@ -17,6 +17,7 @@ import time
 from google.protobuf import json_format
 
 from sith.edits.plan import operation_layers
+from sith.edits.spec import ANCHOR_RULES
 from sith.engine.errors import InvalidInput
 from sith_api.v1 import sith_pb2 as pb
 from sith_api.v1 import sith_pb2_grpc as pb_grpc
@@ -101,6 +102,11 @@ def checked_spec(deps: Deps, spec: pb.EditSpec) -> ServedModel:
         deps.vocabulary.check(list(op.concepts), f"{field}.concepts")
         if op.preserve:
             deps.vocabulary.check(list(op.preserve), f"{field}.preserve")
+        if op.anchor.strip() not in ("", *ANCHOR_RULES):
+            try:
+                deps.vocabulary.check([op.anchor], f"{field}.anchor")
+            except InvalidInput as exc:
+                raise InvalidInput(f"{field}.anchor", exc.reason, exc.suggestions) from None
         for j, v in enumerate(op.select.vectors):
             vfield = f"{field}.select.vectors[{j}]"
             if v.layer not in layers[i]:
