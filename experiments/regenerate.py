@@ -10,9 +10,10 @@ reports (preserve_others_sweep.json), the retention diagnostics (retention_diagn
 the three further edit families (retention_variants.json). The models run side by side (``--jobs``,
 one process each, one torch thread each: two torch threads can stall in an OpenMP barrier on a
 shared 2-core VM); then the paper's editing experiments (run_experiments.py: results.json,
-tables.md) run once over both. Measured on the 2-core AMD EPYC VM, shared: 29 minutes with the
-frontier's 1600-image splits (21–25 before); it reproduced every JSON, table and figure exactly
-(timings aside, and the Wilson bound `recall_upper` the studies' rows now carry).
+tables.md) run once over both. Measured on the 2-core AMD EPYC VM, shared: 41 minutes since the
+frontier's default operator also runs over the anchor weight (2026-11-29, a CI run beside it for the
+first ten; 29 minutes before, 21–25 with the smaller splits); it reproduced every JSON, table and
+figure exactly (timings aside).
 
 The sweep appends to its JSON, so that file is started afresh (git keeps the old one).
 """

@@ -492,7 +492,7 @@ class _Planner:
         u, v = self.pairs[pair]
         self.pairs[pair] = (u, v - self.anchor_weight * direction / direction.norm())
         self.notes.append(f"operations[{i}]: {concept!r} is anchored to {anchor!r}: a share {self.anchor_weight:g} "
-                          f"of what the maps remove is re-written along {anchor!r}'s direction")
+                          f"of what the maps remove is re-written along the direction of {anchor!r}")
 
     def _other_directions(self, i: int, preserve: list[str], joint_space: bool) -> list[Tensor]:
         """The other concepts' directions (``other_concepts``); none when λ_o = 0."""
