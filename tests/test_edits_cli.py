@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from edits_fixtures import CONCEPTS, TINY_CFG, images, tiny_clip
 from sith.cli import main
-from sith.edits.spec import DEFAULT_SUPPRESS_TARGET
+from sith.edits.spec import DEFAULT_DEBIAS_TARGET, DEFAULT_SUPPRESS_TARGET
 
 
 @pytest.fixture()
@@ -95,6 +95,21 @@ def test_preview_apply_show_revert(setup):
     code, out = _run(["edit", "revert", str(composed), *model_args, "--out", str(restored)])
     assert code == 0, out
     assert (_embed(restored, x) - base).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_debias_and_anchor_options_reach_the_plan(setup):
+    tmp, model, model_args, dict_args = setup
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--action", "debias", "--json"])
+    assert code == 0, out
+    op = json.loads(out)["spec"]["operations"][0]
+    assert op["action"] == "debias" and op["target"] == DEFAULT_DEBIAS_TARGET and op["anchor"] == "auto"
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--anchor", "blue", "--json"])
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["spec"]["operations"][0]["anchor"] == "blue" and any("anchored to 'blue'" in n for n in plan["notes"])
+    code, out = _run(["edit", "preview", *model_args, *dict_args, "--concept", "red", "--anchor", "bleu"])
+    assert code == 2 and "operations[0].anchor" in out and "blue" in out
 
 
 @pytest.mark.slow
