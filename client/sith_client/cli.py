@@ -27,7 +27,7 @@ from sith_api.v1 import sith_pb2 as pb
 from . import __version__, errors
 from .client import Client
 from .jobs import Edit, Job
-from .types import EditOp
+from .types import ACTIONS, EditOp
 
 EXIT_CODES: list[tuple[type[errors.SithError], int]] = [
     (errors.InvalidArgument, 2),
@@ -289,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
         sp = cmd(name, func, help)
         model_arg(sp)
         wait_arg(sp)
-        for action in ("suppress", "amplify", "flip", "scale", "debias"):
+        for action in ACTIONS:
             sp.add_argument(f"--{action}", nargs="+", metavar="CONCEPT", help=f"concepts to {action}")
         sp.add_argument("--strength", type=float, help="α for every action (suppress, debias 0..1, amplify >1, flip <0)")
         sp.add_argument("--operator", help="edit operator (sith_scale, head_project, ...; default auto)")

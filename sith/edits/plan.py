@@ -24,7 +24,7 @@ from sith.edits.multipliers import Multipliers, WriteMap
 from sith.edits.operators import (PROJECTIONS, Geometry, orthogonal_pair, predicted_presence, preserving_pair,
                                   solve_uniform_alpha, tower_writers)
 from sith.edits.relevance import DictionaryJudge, Judge, VectorSet, select
-from sith.edits.spec import MAX_ABS_STRENGTH, SUPPRESSING, EditSpec, Operation, default_strength, top_n
+from sith.edits.spec import MAX_ABS_STRENGTH, SUPPRESSING, EditSpec, Operation, default_strength, range_action, top_n
 from sith.engine.decomposition import LayerSVD, resolve_layers
 from sith.engine.errors import InvalidInput
 
@@ -250,6 +250,12 @@ def _known(dictionary, concepts: Sequence[str], field: str) -> None:
                                suggestions=suggestions) from None
 
 
+def _centred_cosines(dictionary, concept: str) -> Tensor:
+    """[N] centred cosine of every dictionary concept with ``concept`` (the rows are unit vectors)."""
+    centred = dictionary.centred.double()
+    return centred @ centred[dictionary.index(concept)]
+
+
 def neighbours(dictionary, concept: str, k: int = NEIGHBOURS_K) -> list[str]:
     """The dictionary neighbours a plan preserves by default (docs/edits.md, "Preservation").
 
@@ -262,9 +268,7 @@ def neighbours(dictionary, concept: str, k: int = NEIGHBOURS_K) -> list[str]:
     """
     from sith.testbed.vocabulary import testbed_categories
 
-    centred = dictionary.centred.double()
-    own = centred[dictionary.index(concept)]
-    sims = centred @ own
+    sims = _centred_cosines(dictionary, concept)
     known = set(dictionary.concepts)
     out: list[str] = []
     for factor, words in testbed_categories().items():
@@ -315,10 +319,8 @@ def anchor_for(spec: EditSpec, i: int, concept: str, preserved: Sequence[str], d
     candidates = [c for c in preserved if c not in edited]
     if not candidates:
         return None
-    centred = dictionary.centred.double()
-    centred = centred / centred.norm(dim=-1, keepdim=True)
-    own = centred[dictionary.index(concept)]
-    cosine = {c: float(centred[dictionary.index(c)] @ own) for c in candidates}
+    sims = _centred_cosines(dictionary, concept)
+    cosine = {c: float(sims[dictionary.index(c)]) for c in candidates}
     best = max(candidates, key=lambda c: (cosine[c], c))
     return best if cosine[best] >= ANCHOR_MIN_COSINE else None
 
@@ -482,17 +484,17 @@ class _Planner:
         self.pairs.append((form or preserving_pair)(u, stacked, lam, rest, self.preserve_others_weight))
         return len(self.pairs) - 1
 
-    def _anchor(self, i: int, op: Operation, concept: str, preserve: list[str], pair: int) -> None:
+    def _anchor(self, i: int, op: Operation, concept: str, preserve: list[str], pair: int) -> str | None:
         """Re-write a share κ (``anchor_weight``) of what pair ``pair`` removes along the anchor's direction
-        (``anchor_for``): v ← v − κ â. Nothing without an anchor or with κ = 0."""
+        (``anchor_for``): v ← v − κ â. Returns the plan's note for ``_add_maps`` (None: no anchor, or κ = 0)."""
         anchor = anchor_for(self.spec, i, concept, preserve, self.dictionary)
         if anchor is None or self.anchor_weight <= 0:
-            return
+            return None
         direction = self.geometry.residual_direction(anchor)
         u, v = self.pairs[pair]
         self.pairs[pair] = (u, v - self.anchor_weight * direction / direction.norm())
-        self.notes.append(f"operations[{i}]: {concept!r} is anchored to {anchor!r}: a share {self.anchor_weight:g} "
-                          f"of what the maps remove is re-written along the direction of {anchor!r}")
+        return (f"operations[{i}]: {concept!r} is anchored to {anchor!r}: a share {self.anchor_weight:g} of what the "
+                f"maps remove is re-written along the direction of {anchor!r}")
 
     def _other_directions(self, i: int, preserve: list[str], joint_space: bool) -> list[Tensor]:
         """The other concepts' directions (``other_concepts``); none when λ_o = 0."""
@@ -532,16 +534,19 @@ class _Planner:
                                                                          share, target, preserve):
                 continue
             pair = self._pair(u, keep, others)
-            self._anchor(i, op, concept, preserve, pair)
+            anchored = self._anchor(i, op, concept, preserve, pair)
             chosen, alpha = self._writers_and_alpha(i, op, ranked, share, target)
             if not chosen:
                 continue
             form = "head_mlp_project" if op.operator == "head_mlp_orthogonal" else op.operator
-            self._add_maps(i, form, concept, chosen, pair, alpha, share)
+            self._add_maps(i, form, concept, chosen, pair, alpha, share, anchored)
 
     def _add_maps(self, i: int, form: str, concept: str, writers: list[tuple[int, int]], pair: int,
-                  alpha: float, share: dict) -> None:
-        """One map per writer; ``form`` is the operator whose map it is (the preview's operator column)."""
+                  alpha: float, share: dict, anchored: str | None = None) -> None:
+        """One map per writer; ``form`` is the operator whose map it is (the preview's operator column);
+        ``anchored`` is the note of an anchored pair (``_anchor``)."""
+        if anchored:
+            self.notes.append(anchored)
         for layer, head in writers:
             self.maps.append(_writer_map(layer, head, pair, alpha))
             self.affected[("h", layer, head, len(self.maps))] = AffectedVector(
@@ -558,8 +563,7 @@ class _Planner:
         if not ranked:
             return False  # _writers_and_alpha raises the "no head writes along" error
         pair = self._pair(u, keep, others, orthogonal_pair, ORTHOGONAL_PRESERVE_WEIGHT)
-        notes = len(self.notes)
-        self._anchor(i, op, concept, preserve, pair)
+        anchored = self._anchor(i, op, concept, preserve, pair)
 
         def presence(alpha: float) -> float:
             maps = [_writer_map(layer, h, pair, alpha) for layer, h in ranked]
@@ -569,12 +573,11 @@ class _Planner:
         floor, untouched = presence(0.0), presence(1.0)
         if floor > target + 1e-9 or untouched - floor <= 1e-12:
             self.pairs.pop()
-            del self.notes[notes:]  # the one-sided form anchors its own pair
             self.notes.append(f"operations[{i}]: {concept!r}: the symmetric map reaches presence {floor:.3f} at "
                               f"most (aimed {target:.3f}); this concept uses head_mlp_project's form")
             return False
         alpha = min((target - floor) / (untouched - floor), 1.0)
-        self._add_maps(i, op.operator, concept, ranked, pair, alpha, share)
+        self._add_maps(i, op.operator, concept, ranked, pair, alpha, share, anchored)
         return True
 
     def _writers_and_alpha(self, i: int, op: Operation, ranked: list[tuple[int, int]],
@@ -742,7 +745,7 @@ class _Planner:
 
 def _limit(action: str) -> float:
     """The furthest α an operator may go for an action (suppress: remove; flip/amplify: the bound)."""
-    return {"suppress": 0.0, "debias": 0.0, "flip": -MAX_ABS_STRENGTH, "amplify": MAX_ABS_STRENGTH}.get(action, 1.0)
+    return {"suppress": 0.0, "flip": -MAX_ABS_STRENGTH, "amplify": MAX_ABS_STRENGTH}.get(range_action(action), 1.0)
 
 
 def _in_range(action: str, alpha: float) -> bool:

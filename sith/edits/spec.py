@@ -143,8 +143,14 @@ def explicit(vectors: list[tuple[int, int, int]]) -> Selection:
     return Selection(rule="explicit", vectors=list(vectors))
 
 
+def range_action(action: str) -> str:
+    """The action whose α and target ranges ``action`` follows: a debias is a suppress (its own default
+    target aside)."""
+    return "suppress" if action in SUPPRESSING else action
+
+
 def default_strength(action: str) -> float | None:
-    return {"suppress": 0.0, "debias": 0.0, "amplify": DEFAULT_AMPLIFY, "flip": -1.0}.get(action)
+    return {"suppress": 0.0, "amplify": DEFAULT_AMPLIFY, "flip": -1.0}.get(range_action(action))
 
 
 @dataclass
@@ -264,15 +270,14 @@ class Operation:
     def _checked_target(self, field_name: str) -> float:
         value = _finite(self.target, field_name)
         rules = {
-            "suppress": (0.0 <= value < 1.0, "suppress needs a target presence 0 <= target < 1"),
-            "debias": (0.0 <= value < 1.0, "debias needs a target presence 0 <= target < 1"),
+            "suppress": (0.0 <= value < 1.0, f"{self.action} needs a target presence 0 <= target < 1"),
             "amplify": (1.0 < value <= MAX_ABS_STRENGTH,
                         f"amplify needs a target factor 1 < target <= {MAX_ABS_STRENGTH:g}"),
             "flip": (-MAX_ABS_STRENGTH <= value < 0.0,
                      "flip needs a negative target presence (-1 mirrors the concept)"),
             "scale": (False, "scale takes an explicit strength, not a target"),
         }
-        ok, reason = rules[self.action]
+        ok, reason = rules[range_action(self.action)]
         if not ok:
             raise InvalidInput(field_name, f"{reason}, got {value:g}")
         return value
@@ -287,12 +292,11 @@ class Operation:
         if abs(value) > MAX_ABS_STRENGTH:
             raise InvalidInput(field_name, f"|strength| must be <= {MAX_ABS_STRENGTH:g}, got {value:g}")
         rules = {
-            "suppress": (0.0 <= value < 1.0, "suppress needs 0 <= strength < 1 (0 removes the vectors)"),
-            "debias": (0.0 <= value < 1.0, "debias needs 0 <= strength < 1 (0 removes the vectors)"),
+            "suppress": (0.0 <= value < 1.0, f"{self.action} needs 0 <= strength < 1 (0 removes the vectors)"),
             "amplify": (value > 1.0, "amplify needs strength > 1"),
             "flip": (value < 0.0, "flip needs a negative strength (-1 mirrors the vectors)"),
         }
-        ok, reason = rules.get(self.action, (True, ""))
+        ok, reason = rules.get(range_action(self.action), (True, ""))
         if not ok:
             raise InvalidInput(field_name, f"{reason}, got {value:g}")
         return value
@@ -329,7 +333,13 @@ class Operation:
         return op
 
 
-_DIRECTION = {"suppress": "down", "debias": "down", "amplify": "up", "flip": "down", "scale": "scale"}
+_DIRECTION = {"suppress": "down", "amplify": "up", "flip": "down", "scale": "scale"}
+
+
+def _direction(action: str) -> str:
+    return _DIRECTION[range_action(action)]
+
+
 _PAST = {"suppress": "suppressed", "debias": "debiased", "amplify": "amplified", "flip": "flipped", "scale": "scaled"}
 
 
@@ -338,7 +348,7 @@ def _check_contradictions(operations: list[Operation]) -> None:
     edited: dict[str, tuple[int, str]] = {}
     for i, op in enumerate(operations):
         for j, concept in enumerate(op.concepts):
-            if concept in edited and _DIRECTION[edited[concept][1]] != _DIRECTION[op.action]:
+            if concept in edited and _direction(edited[concept][1]) != _direction(op.action):
                 k, action = edited[concept]
                 raise InvalidInput(f"operations[{i}].concepts[{j}]", f"contradictory goals: {concept!r} is "
                                    f"{_PAST[action]} by operations[{k}] and {_PAST[op.action]} here")
