@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/run_all.py [--device cuda] [--quick] [--only svd,explain-b32] [--out DIR]
 
-On a GPU the whole set is sized to finish in under 5 minutes (the GPU runs the heavy parts; the
-CPU still builds the random-init models; benchmarks that never touch the GPU — world, service
-load, hardening, download — run with their short settings). That budget is an estimate: no GPU
-was lent to the session that wrote this, so the GPU rows of RESULTS.md say "not run".
+On a GPU the GPU runs the heavy parts (the CPU still builds the random-init models; benchmarks that
+never touch the GPU — world, service load, hardening, download — run with their short settings).
+Measured on one H200 (RESULTS.md §5): the whole set takes well over 5 minutes (SVD, COMP, dictionary
+and the ViT-B-32 explain alone ~300 s); use ``--only`` to fit a short lease. Whether the GPU gives
+the CPU's answers is checked by ``benchmarks/gpu_equivalence.py``.
 
 On the shared 2-core CPU a full run takes hours under load, so ``--quick`` shrinks every benchmark
 (fewer layers/heads/concepts, noted in its output) to check that each one still runs. CPU runs go through ``nice -n 10`` with one torch thread unless

@@ -114,3 +114,16 @@ def test_bad_calls_raise_clear_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
     with pytest.raises(ImportError, match="pip install pandas"):
         Hits([]).to_pandas()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_edit_on_a_gpu_plans_and_applies_as_on_the_cpu(model, tmp_path):
+    """The planner's float64 algebra runs on the CPU whatever device the SVD ran on; the edited model
+    stays on the GPU and writes the same α."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SITH_DATA_DIR", str(tmp_path))
+        gpu = sith.load("testbed-main", device="cuda")
+        edited = gpu.edit(suppress=["red"])
+    cpu_alphas = model.edit(suppress=["red"]).report.alphas
+    assert next(edited.model.parameters()).device.type == "cuda"
+    np.testing.assert_allclose(edited.report.alphas, cpu_alphas, atol=1e-3)

@@ -124,7 +124,9 @@ class Geometry:
                                "through (see docs/towers.md)")
         self.pullback = pullback.detach().double().cpu()  # [d, D]
         self.dictionary = dictionary
-        self.decomposition = decomposition  # every layer: presence sums over the whole tower
+        # every layer (presence sums over the whole tower), on the CPU like the rest of the geometry:
+        # the planner's algebra is small float64 work, whatever device the SVD ran on
+        self.decomposition = {layer: svd.to("cpu") for layer, svd in decomposition.items()}
         self.mlp = {layer: w.detach().double().cpu() for layer, w in (mlp or {}).items()}
         self.model_known = mlp is not None  # {} = a model whose blocks expose no MLP output; None = no model
         self.prior = None if prior is None else prior.detach().double().cpu()

@@ -780,6 +780,10 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
     if anchor_weight > 1.0:
         raise InvalidInput("anchor_weight", f"must be <= 1 (re-write at most what is removed), got {anchor_weight:g}")
     judge = judge or DictionaryJudge(dictionary)
+    # The plan is small float64 algebra on the CPU whatever device the SVD ran on (a GPU analyzer's
+    # decomposition would otherwise meet CPU directions); apply_multipliers moves it back to the model.
+    decomposition = {layer: svd.to("cpu") for layer, svd in decomposition.items()}
+    tower = None if tower is None else {layer: svd.to("cpu") for layer, svd in tower.items()}
     mlp, prior = tower_writers(model) if model is not None else (None, None)
     geometry = Geometry(joint, dictionary, tower or decomposition, mlp, prior)
     planner = _Planner(spec, decomposition, vectors, layers_per_op, joint, dictionary, judge, geometry,

@@ -38,6 +38,12 @@ class LayerSVD:
     S: Tensor  # [H, r] descending
     V: Tensor  # [H, d, r]  columns are the right singular vectors (write directions)
 
+    def to(self, device: str | torch.device) -> LayerSVD:
+        """The same decomposition on ``device`` (itself when it is already there)."""
+        if self.S.device == torch.device(device):
+            return self
+        return LayerSVD(self.layer, self.U.to(device), self.S.to(device), self.V.to(device))
+
     def write_coords(self, directions: Tensor) -> Tensor:
         """diag(σ) Vᵀ g in float64: what each singular vector of each head writes along g. ``directions``
         [d] gives [H, r]; [N, d] gives [H, r, N] (many directions at once)."""
