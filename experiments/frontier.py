@@ -14,7 +14,7 @@ applied and measured on
 * the **validation** split (world seeds HELDOUT+20/+30): used to choose each operator's point and
   the library's default targets (``default_target_choice``: suppress from the removals, debias from
   the debias), and
-* the **fresh test** split (seeds HELDOUT+80/+90, never looked at while choosing): every number
+* the **fresh test** split (seeds HELDOUT+100/+110, never looked at while choosing): every number
   reported in the tables and plots.
 
 Also measured: where the default command (``EditSpec`` defaults: operator auto, target default)

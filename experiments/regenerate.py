@@ -9,11 +9,12 @@ docs/figures/frontier-<model>.png), the λ_o sweep with the four configurations 
 reports (preserve_others_sweep.json), the retention diagnostics (retention_diagnostics.json) and
 the three further edit families (retention_variants.json). The models run side by side (``--jobs``,
 one process each, one torch thread each: two torch threads can stall in an OpenMP barrier on a
-shared 2-core VM); then the paper's editing experiments (run_experiments.py: results.json,
-tables.md) run once over both. Measured on the 2-core AMD EPYC VM, shared: 41 minutes since the
-frontier's default operator also runs over the anchor weight (2026-11-29, a CI run beside it for the
-first ten; 29 minutes before, 21–25 with the smaller splits); it reproduced every JSON, table and
-figure exactly (timings aside).
+shared 2-core VM); then, over both models' frontier points, how well each presence of an anchored
+removal ranks its validation recall (anchor_presence.json), and the paper's editing experiments
+(run_experiments.py: results.json, tables.md) run once over both. Measured on the 2-core AMD EPYC
+VM, shared: 39 minutes (2026-11-30; 41 on 2026-11-29 with a CI run beside it, 29 before the
+frontier's default operator also ran over the anchor weight); every JSON and table but the frontier's,
+whose planner had changed, came out identical (timings aside).
 
 The sweep appends to its JSON, so that file is started afresh (git keeps the old one).
 """
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for future in [pool.submit(model_chain, m) for m in models]:
             future.result()  # a failed step raises here (CalledProcessError names the command)
+    _run([str(HERE / "anchor_presence.py")])  # reads both models' frontier points
     _run([str(HERE / "run_experiments.py"), *[a for m in models for a in ("--model", str(CHECKPOINTS / m))]])
     for script in ("preserve_others_sweep.py", "retention_variants.py"):
         _run([str(HERE / script), "--summary"])

@@ -24,11 +24,12 @@ VAL_SPURIOUS_SEED = HELDOUT_SEED + 30
 # Fresh test seeds for the edit frontier (experiments/frontier.py): never used by any earlier
 # experiment, and never looked at while choosing a hyperparameter or a default. Retired, each time a
 # default was chosen after their figures had been seen, so that the new default is reported on unseen
-# seeds: HELDOUT+40/+50 (the suppress target 0.2 → 0.15) and HELDOUT+60/+70 (the debias action's own
-# target and the anchored maps), both on 2026-11-29; their figures stay in git history (docs/edits.md,
-# "Frontier").
-FRESH_FACTOR_SEED = HELDOUT_SEED + 80
-FRESH_SPURIOUS_SEED = HELDOUT_SEED + 90
+# seeds: HELDOUT+40/+50 (the suppress target 0.2 → 0.15), HELDOUT+60/+70 (the debias action's own
+# target and the anchored maps), both on 2026-11-29, and HELDOUT+80/+90 (the edited concept's presence
+# no longer counts its anchor's re-write), 2026-11-30; their figures stay in git history
+# (docs/edits.md, "Frontier").
+FRESH_FACTOR_SEED = HELDOUT_SEED + 100
+FRESH_SPURIOUS_SEED = HELDOUT_SEED + 110
 
 
 @dataclass

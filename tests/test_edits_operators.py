@@ -608,6 +608,12 @@ def test_an_anchored_map_rewrites_a_share_of_the_removal_along_the_anchor_and_re
     red = next(e for e in plan.predicted if e.concept == "red")
     prior = geometry.prior_score("red", preserved_concepts(plan.spec, 0, dictionary))
     assert red.after == pytest.approx(max(0.0, 0.5 - plan_module.PRIOR_WEIGHT * prior), abs=1e-6)  # α solved with it
+    # the anchor changes where the removed share goes, not how much is removed: red's presence does
+    # not count what is re-written along blue, so α is the unanchored plan's; blue's presence moves
+    assert plan.affected[0].alpha == pytest.approx(plain.affected[0].alpha, abs=1e-9)
+    blue_after = {e.concept: e.after for e in plan.predicted}.get("blue")
+    plain_blue = {e.concept: e.after for e in plain.predicted}.get("blue")
+    assert blue_after is not None and abs(blue_after - plain_blue) > 1e-3
     # what a writer loses along u is partly written along the anchor: w T = w − (1 − α)(w·u)(v0 − κ â)
     alpha = plan.affected[0].alpha
     t = plan.multipliers.write_matrix("mlp", LAYERS[0])

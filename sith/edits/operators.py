@@ -263,29 +263,34 @@ def orthogonal_pair(u: Tensor, keep: Tensor | None, lam: float, others: Tensor |
 # Predicted effect
 
 
+def kept_share(geometry: Geometry, multipliers: Multipliers, g: Tensor) -> float:
+    """Signed share of the tower's write capacity along the unit residual direction g that the edit's
+    heads and MLPs keep: Σ_w ⟨c_w, c'_w⟩ / Σ_w ‖c_w‖² (module docstring)."""
+    num = den = 0.0
+    for layer, svd in geometry.decomposition.items():
+        s, v = svd.S.double(), svd.V.double()
+        before = s * torch.einsum("hdr,d->hr", v, g)  # [H, r]
+        alpha = multipliers.values.get(layer)
+        alpha = torch.ones_like(s) if alpha is None else alpha.double()
+        den += float((before**2).sum())
+        for h in range(s.shape[0]):
+            gh = multipliers.map_vector(g, "head", layer, h)
+            after = alpha[h] * s[h] * (v[h].T @ gh)
+            num += float(before[h] @ after)
+    for layer, w in geometry.mlp.items():
+        before = w @ g
+        den += float(before @ before)
+        num += float(before @ (w @ multipliers.map_vector(g, "mlp", layer)))
+    return num / den if den > 0 else 1.0
+
+
 def predicted_presence(geometry: Geometry, multipliers: Multipliers, concepts: Sequence[str]) -> dict[str, float]:
     """Signed share of each concept's write capacity the edit keeps (module docstring)."""
     out = {}
     t_out = multipliers.maps_for("output")
     for concept in concepts:
         r = geometry.joint_direction(concept)
-        g = geometry.pull_back(r)
-        num = den = 0.0
-        for layer, svd in geometry.decomposition.items():
-            s, v = svd.S.double(), svd.V.double()
-            before = s * torch.einsum("hdr,d->hr", v, g)  # [H, r]
-            alpha = multipliers.values.get(layer)
-            alpha = torch.ones_like(s) if alpha is None else alpha.double()
-            den += float((before**2).sum())
-            for h in range(s.shape[0]):
-                gh = multipliers.map_vector(g, "head", layer, h)
-                after = alpha[h] * s[h] * (v[h].T @ gh)
-                num += float(before[h] @ after)
-        for layer, w in geometry.mlp.items():
-            before = w @ g
-            den += float(before @ before)
-            num += float(before @ (w @ multipliers.map_vector(g, "mlp", layer)))
-        share = num / den if den > 0 else 1.0
+        share = kept_share(geometry, multipliers, geometry.pull_back(r))
         if t_out:
             share *= float(r @ multipliers.map_vector(r, "output"))
         out[concept] = share

@@ -5,7 +5,8 @@ dictionary neighbours), picks writers (singular vectors, heads, heads + MLPs, or
 projection, by operator) and strengths, either by the selection rule (expert override) or
 target-driven: until the concept's data-free predicted presence (operators.predicted_presence)
 reaches the target (for the head projections: the target corrected by the concept's prior,
-``_Planner.target_for``). The preview reports per writer (α, share, explanation, operator), per head
+``_Planner.target_for``; an anchor's re-write is not counted as the edited concept's presence,
+``_Planner.unanchored_pairs``). The preview reports per writer (α, share, explanation, operator), per head
 (spectral energy), the predicted presence of every edited and preserved concept, and tagged
 warnings ([unreachable] target, [prior] default concept, [preserve] a preserved concept predicted
 to move) before anything is written.
@@ -384,6 +385,7 @@ class _Planner:
         self.preserve_others_weight, self.anchor_weight = preserve_others_weight, anchor_weight
         self.values = {layer: torch.ones_like(svd.S, dtype=torch.float32).cpu() for layer, svd in decomposition.items()}
         self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.anchor_shift: dict[int, Tensor] = {}  # pair index -> κ â, what _anchor took off its v
         self.maps: list[WriteMap] = []
         self.owner: dict[tuple[int, int, int], int] = {}
         self.affected: dict[tuple, AffectedVector] = {}
@@ -396,10 +398,17 @@ class _Planner:
     def multipliers(self, model_hash: str | None = None) -> Multipliers:
         return Multipliers(self.values, model_hash, self.pairs, self.maps)
 
+    def unanchored_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """The pairs without their anchors' re-write: what the edited concepts' presence is measured on
+        (what an anchor writes along its own concept is not the edited concept's presence)."""
+        return [(u, v + self.anchor_shift[i]) if i in self.anchor_shift else (u, v)
+                for i, (u, v) in enumerate(self.pairs)]
+
     def presence(self, concepts: Sequence[str], extra_values=None, extra_maps=None) -> dict[str, float]:
+        """Predicted presence of the concepts being edited (anchors not counted)."""
         values = self.values if extra_values is None else extra_values
         maps = self.maps + (extra_maps or [])
-        return predicted_presence(self.geometry, Multipliers(values, None, self.pairs, maps), concepts)
+        return predicted_presence(self.geometry, Multipliers(values, None, self.unanchored_pairs(), maps), concepts)
 
     def _claim(self, i: int, key: tuple[int, int, int], alpha: float, relevance: float, operator: str,
                explanation: list) -> None:
@@ -492,7 +501,8 @@ class _Planner:
             return None
         direction = self.geometry.residual_direction(anchor)
         u, v = self.pairs[pair]
-        self.pairs[pair] = (u, v - self.anchor_weight * direction / direction.norm())
+        self.anchor_shift[pair] = self.anchor_weight * direction / direction.norm()
+        self.pairs[pair] = (u, v - self.anchor_shift[pair])
         return (f"operations[{i}]: {concept!r} is anchored to {anchor!r}: a share {self.anchor_weight:g} of what the "
                 f"maps remove is re-written along the direction of {anchor!r}")
 
@@ -573,6 +583,7 @@ class _Planner:
         floor, untouched = presence(0.0), presence(1.0)
         if floor > target + 1e-9 or untouched - floor <= 1e-12:
             self.pairs.pop()
+            self.anchor_shift.pop(pair, None)
             self.notes.append(f"operations[{i}]: {concept!r}: the symmetric map reaches presence {floor:.3f} at "
                               f"most (aimed {target:.3f}); this concept uses head_mlp_project's form")
             return False
@@ -797,8 +808,9 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
         planner.plan(i, op, preserved[i])
     multipliers = planner.multipliers(model_hash)
     affected = sorted(planner.affected.values(), key=lambda a: (a.operation, a.layer, a.head, a.index))
+    unanchored = Multipliers(multipliers.values, model_hash, planner.unanchored_pairs(), multipliers.maps)
     predicted, warnings = _predicted(spec, geometry, multipliers, preserved, dictionary, planner.warnings,
-                                     planner.aimed)
+                                     planner.aimed, unanchored)
     heads = _head_changes(decomposition, multipliers, affected)
     alignment = _alignment(spec, decomposition, multipliers, heads, joint, dictionary)
     return EditPlan(spec, model_name, model_hash, judge.name, multipliers, affected, heads, alignment,
@@ -806,15 +818,18 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
 
 
 def _predicted(spec, geometry, multipliers, preserved, dictionary, planned: list[str],
-               aimed: dict | None = None) -> tuple[list[ConceptEffect], list[str]]:
-    """The preview's predicted presences, and the warnings the planner has not already given."""
+               aimed: dict | None = None, unanchored: Multipliers | None = None
+               ) -> tuple[list[ConceptEffect], list[str]]:
+    """The preview's predicted presences, and the warnings the planner has not already given.
+    ``unanchored``: the edit without its anchors' re-write, on which the edited concepts are measured
+    (preserved concepts, an anchor among them, are measured on the edit as written)."""
     known = set(dictionary.concepts)
-    targets = [c for op in spec.operations for c in op.concepts if c in known]
-    keep = [c for p in preserved for c in p if c not in targets]
-    names = list(dict.fromkeys(targets + keep))
-    after = predicted_presence(geometry, multipliers, names)
-    effects = [ConceptEffect(c, "target", 1.0, after[c]) for c in dict.fromkeys(targets)]
-    effects += [ConceptEffect(c, "preserve", 1.0, after[c]) for c in dict.fromkeys(keep)]
+    targets = list(dict.fromkeys(c for op in spec.operations for c in op.concepts if c in known))
+    keep = list(dict.fromkeys(c for p in preserved for c in p if c not in targets))
+    after = predicted_presence(geometry, multipliers if unanchored is None else unanchored, targets)
+    after.update(predicted_presence(geometry, multipliers, keep))
+    effects = [ConceptEffect(c, "target", 1.0, after[c]) for c in targets]
+    effects += [ConceptEffect(c, "preserve", 1.0, after[c]) for c in keep]
     warnings = [f"[preserve] preserved concept {e.concept!r} is predicted to change: presence {e.after:.3f} "
                 "(1 = untouched)" for e in effects if e.role == "preserve" and abs(e.after - 1.0) > PRESERVE_WARNING]
     for i, op in enumerate(spec.operations):
