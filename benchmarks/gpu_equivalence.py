@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,15 +28,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Stopwatch  # noqa: E402
 
 SIGMA_TOLERANCE = 1e-4  # max |Δσ| / σ_max, float32 QR on two devices
 ALPHA_TOLERANCE = 1e-3
 COSINE_FLOOR = 0.9999
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_on(model_name: str, device: str, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -45,22 +41,17 @@ def run_on(model_name: str, device: str, images: torch.Tensor, labels: torch.Ten
     import sith
     from sith.testbed import evaluate as ev
 
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times[name] = time.perf_counter() - t0
-        return out
-
-    model = timed("load", lambda: sith.load(model_name, device=device, cache=False))
-    decomposition = timed("decompose", lambda: model.analyzer.decomposition())
+    watch = Stopwatch()
+    with watch.phase("load", device):
+        model = sith.load(model_name, device=device, cache=False)
+    with watch.phase("decompose", device):
+        decomposition = model.analyzer.decomposition()
     sigma = {layer: svd.S.detach().float().cpu() for layer, svd in decomposition.items()}
-    explanation = timed("explain last layer", lambda: model.explain(layers=[-1], vectors=64))
+    with watch.phase("explain last layer", device):
+        explanation = model.explain(layers=[-1], vectors=64)
     concepts = [[c for c, _ in vector.concepts] for head in explanation.items for vector in head.vectors]
-    edited = timed("plan + apply suppress red", lambda: model.edit(suppress=["red"]))
+    with watch.phase("plan + apply suppress red", device):
+        edited = model.edit(suppress=["red"])
     multipliers = edited.multipliers
     alphas = {layer: values.detach().float().cpu() for layer, values in multipliers.values.items()}
     maps = [(m.writer, float(m.alpha)) for m in multipliers.maps]
@@ -70,14 +61,17 @@ def run_on(model_name: str, device: str, images: torch.Tensor, labels: torch.Ten
     def embed(clip):
         return ev.encode_images(clip, images.to(device) if device != "cpu" else images, 128).float().cpu()
 
-    base = timed("embed 256 images (base)", lambda: embed(model.model))
-    after = timed("embed 256 images (edited)", lambda: embed(edited.model))
+    with watch.phase("embed the images (base)", device):
+        base = embed(model.model)
+    with watch.phase("embed the images (edited)", device):
+        after = embed(edited.model)
 
     def recall(features: torch.Tensor) -> float:
         predicted = (F.normalize(features, dim=-1) @ heads.float().cpu().T).argmax(-1)
         mask = labels == red
         return float((predicted[mask] == red).float().mean())
 
+    times = {name: t.wall for name, t in watch.phases.items()}
     return {"device": device, "times": times, "sigma": sigma, "concepts": concepts, "alphas": alphas,
             "maps": maps, "base": base, "after": after, "recall_red": [recall(base), recall(after)]}
 

@@ -34,7 +34,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import frontier  # noqa: E402
 from sith.edits import plan as plan_module  # noqa: E402
-from sith.edits.multipliers import Multipliers  # noqa: E402
 from sith.edits.operators import Geometry, kept_share, predicted_presence, tower_writers  # noqa: E402
 from sith.engine.analysis import Analyzer  # noqa: E402
 from sith.engine.dictionary import build_dictionary  # noqa: E402
@@ -46,17 +45,16 @@ OPERATOR = "head_mlp_orthogonal"
 
 
 def scores(geometry: Geometry, plan, concept: str, anchor: str | None, kappa: float) -> dict[str, float]:
-    m = plan.multipliers
-    written = predicted_presence(geometry, m, [concept])[concept]
+    written = predicted_presence(geometry, plan.multipliers, [concept])[concept]
     if anchor is None or kappa <= 0:
         return dict.fromkeys(SCORES, written)
     a = geometry.residual_direction(anchor)
     a = a / a.norm()
     g = geometry.residual_direction(concept)
-    pairs = [(u, v + kappa * a) for u, v in m.pairs]  # every pair of a one-concept plan is anchored
     return {"written": written,
-            "unanchored": predicted_presence(geometry, Multipliers(m.values, None, pairs, m.maps), [concept])[concept],
-            "beyond": kept_share(geometry, m, F.normalize(g - (g @ a) * a, dim=0))}
+            # the preview's own presence of the edited concept (plan._Planner.unanchored_pairs)
+            "unanchored": next(e.after for e in plan.predicted if e.concept == concept),
+            "beyond": kept_share(geometry, plan.multipliers, F.normalize(g - (g @ a) * a, dim=0))}
 
 
 def model_rows(name: str, stored: dict) -> list[dict]:

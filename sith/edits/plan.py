@@ -395,8 +395,9 @@ class _Planner:
 
     # ------------------------------------------------------------------ shared helpers
 
-    def multipliers(self, model_hash: str | None = None) -> Multipliers:
-        return Multipliers(self.values, model_hash, self.pairs, self.maps)
+    def multipliers(self, model_hash: str | None = None, anchored: bool = True) -> Multipliers:
+        """The edit as written; ``anchored=False``: without its anchors' re-write (``unanchored_pairs``)."""
+        return Multipliers(self.values, model_hash, self.pairs if anchored else self.unanchored_pairs(), self.maps)
 
     def unanchored_pairs(self) -> list[tuple[Tensor, Tensor]]:
         """The pairs without their anchors' re-write: what the edited concepts' presence is measured on
@@ -808,9 +809,8 @@ def plan_from_vectors(spec: EditSpec, model_name: str, model_hash: str, decompos
         planner.plan(i, op, preserved[i])
     multipliers = planner.multipliers(model_hash)
     affected = sorted(planner.affected.values(), key=lambda a: (a.operation, a.layer, a.head, a.index))
-    unanchored = Multipliers(multipliers.values, model_hash, planner.unanchored_pairs(), multipliers.maps)
     predicted, warnings = _predicted(spec, geometry, multipliers, preserved, dictionary, planner.warnings,
-                                     planner.aimed, unanchored)
+                                     planner.aimed, planner.multipliers(model_hash, anchored=False))
     heads = _head_changes(decomposition, multipliers, affected)
     alignment = _alignment(spec, decomposition, multipliers, heads, joint, dictionary)
     return EditPlan(spec, model_name, model_hash, judge.name, multipliers, affected, heads, alignment,
